@@ -1,0 +1,88 @@
+"""The whitened truncation loss identity, checked against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workbench.factorize import measured_loss, predicted_loss, whitened_svd
+from workbench.whitening import whitening_factor
+
+
+def _data(out=24, inp=16, tokens=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g, dtype=torch.float64)
+    x = torch.randn(tokens, inp, generator=g, dtype=torch.float64) @ torch.randn(inp, inp, generator=g, dtype=torch.float64)
+    return w, x
+
+
+def _output_loss(w, x, factors, k):
+    """‖(W − Ŵ)Xᵀ‖²_F straight from the definition, independent of L."""
+    root = factors.singular_values[:k].sqrt()
+    w_hat = (factors.u[:, :k] * root) @ (root[:, None] * factors.vt_linv[:k])
+    return float((((w - w_hat) @ x.T) ** 2).sum())
+
+
+@pytest.mark.parametrize("method", ["cholesky", "eigen"])
+@pytest.mark.parametrize("k", [1, 3, 8, 15, 16])
+def test_loss_identity_at_several_ranks(method, k):
+    w, x = _data()
+    f = whitened_svd([w], x.T @ x, keep=16, method=method)
+    predicted = predicted_loss(f, k)
+    assert measured_loss([w], f, k) == pytest.approx(predicted, rel=1e-9, abs=1e-9)
+    assert _output_loss(w, x, f, k) == pytest.approx(predicted, rel=1e-9, abs=1e-9)
+
+
+def test_truncation_is_optimal_against_plain_svd():
+    """Eckart–Young in the whitened norm: whitened SVD beats plain SVD on the output loss."""
+    w, x = _data(seed=3)
+    f = whitened_svd([w], x.T @ x, keep=16)
+    u, s, vt = torch.linalg.svd(w, full_matrices=False)
+    k = 6
+    plain = (u[:, :k] * s[:k]) @ vt[:k]
+    plain_loss = float((((w - plain) @ x.T) ** 2).sum())
+    assert _output_loss(w, x, f, k) < plain_loss
+
+
+def test_group_shares_one_basis_and_matches_closed_form():
+    g = torch.Generator().manual_seed(5)
+    ws = [torch.randn(8, 12, generator=g, dtype=torch.float64) for _ in range(3)]
+    xs = [torch.randn(50, 12, generator=g, dtype=torch.float64) for _ in range(3)]
+    gram = sum(x.T @ x for x in xs)
+    f = whitened_svd(ws, gram, keep=12)
+    stacked = torch.cat(ws)
+    l = torch.linalg.cholesky(gram)
+    expected = torch.linalg.svdvals(stacked @ l)
+    assert torch.allclose(f.singular_values, expected, rtol=1e-10)
+    qs, p = f.factors(12, dtype=torch.float64)
+    assert len(qs) == 3 and p.shape == (12, 12)
+    for w, q in zip(ws, qs):  # full rank reproduces every layer exactly
+        assert torch.allclose(q @ p, w, atol=1e-9)
+    for k in (2, 5, 9):
+        assert measured_loss(ws, f, k) == pytest.approx(predicted_loss(f, k), rel=1e-9)
+
+
+def test_singular_gram_falls_back_and_reports():
+    w, x = _data(tokens=5)  # 5 tokens in 16 dimensions: rank-deficient Gram
+    white = whitening_factor(x.T @ x, "cholesky")
+    assert white.method == "eigen" and white.fell_back and white.rank == 5
+    f = whitened_svd([w], x.T @ x, keep=16)
+    for k in (1, 3, 5):
+        assert measured_loss([w], f, k) == pytest.approx(predicted_loss(f, k), rel=1e-8, abs=1e-8)
+    assert float(f.singular_values[5:].abs().max()) < 1e-8 * float(f.singular_values[0])
+
+
+def test_dead_input_channel_is_handled():
+    w, x = _data()
+    x[:, 3] = 0.0
+    f = whitened_svd([w], x.T @ x, keep=16)
+    assert f.whitening.fell_back
+    assert torch.isfinite(f.vt_linv).all()
+    assert _output_loss(w, x, f, 4) == pytest.approx(predicted_loss(f, 4), rel=1e-8)
+
+
+def test_nan_gram_is_refused():
+    gram = torch.eye(4, dtype=torch.float64)
+    gram[1, 1] = float("nan")
+    with pytest.raises(FloatingPointError):
+        whitening_factor(gram)

@@ -1,0 +1,166 @@
+"""The headless command line: `workbench run`, `workbench profile validate`, `workbench plugins`.
+
+Imports nothing from Textual. Exit codes are `workbench.errors.ExitCode`.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from workbench import __version__
+from workbench.errors import ExitCode, Interrupted, ProfileError, WorkbenchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress LLMs with whitened, low-rank SVD.",
+                  rich_markup_mode=None)
+profile_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Work with profiles.")
+app.add_typer(profile_app, name="profile")
+
+err = Console(stderr=True, highlight=False)
+
+
+def _fail(exc: WorkbenchError) -> "typer.Exit":
+    if isinstance(exc, ProfileError):
+        err.print(f"[bold red]profile error[/] ({len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}):")
+        for problem in exc.problems:
+            err.print(f"  {problem}", markup=False)
+    elif isinstance(exc, Interrupted):
+        err.print(f"[yellow]interrupted[/]: {exc}; nothing was written to the output directory", highlight=False)
+    else:
+        label = "error" if exc.exit_code == ExitCode.USAGE else "run failed"
+        err.print(f"[bold red]{label}[/]: ", end="")
+        err.print(str(exc), markup=False)
+    return typer.Exit(int(exc.exit_code))
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"workbench {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Show the version and exit.")) -> None:
+    """Compress LLMs with whitened, low-rank SVD (SVD-LLM, Basis Sharing, D-Rank)."""
+
+
+class _Interrupts:
+    """First Ctrl-C / SIGTERM asks the engine to stop at its next safe point; a second one forces it."""
+
+    def __init__(self, cancel) -> None:
+        self.cancel = cancel
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.cancel.cancelled:
+            raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        self.cancel.cancel(f"{name} received")
+        err.print(f"[yellow]{name}: stopping at the next safe point (again to force)[/]")
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@app.command()
+def run(
+    profile_path: Path = typer.Argument(..., metavar="PROFILE", help="The profile (TOML) to run."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory (overrides [output] dir)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output directory (atomically)."),
+    log_format: str = typer.Option("auto", "--log-format", help="auto | live | plain | json"),
+) -> None:
+    """Compress, evaluate and write report.json (and the model) into the output directory."""
+    from workbench.display import make_renderer, print_summary
+    from workbench.events import CancelToken, EventBus
+    from workbench.pipeline import run_safely
+    from workbench.plugins import get_registry
+    from workbench.profile import load_profile
+
+    out = Console(highlight=False)
+    try:
+        registry = get_registry()
+        for failure in registry.failures:
+            err.print(f"[yellow]warning[/]: {failure}", markup=True, highlight=False)
+        profile = load_profile(profile_path, registry)
+        renderer = make_renderer(log_format, out if log_format != "json" else Console(file=sys.stdout))
+        cancel = CancelToken()
+        with _Interrupts(cancel), renderer:
+            bus = EventBus([renderer])
+            try:
+                report = run_safely(profile, output_dir=output, force=force, events=bus, cancel=cancel, registry=registry)
+            except KeyboardInterrupt:
+                raise Interrupted("forced by a second interrupt") from None
+        if log_format != "json":
+            print_summary(out, report)
+    except WorkbenchError as exc:
+        raise _fail(exc) from None
+
+
+@profile_app.command("validate")
+def validate(files: list[Path] = typer.Argument(..., metavar="FILE...", help="Profiles to check.")) -> None:
+    """Check profiles against the schema and the options each plugin declares."""
+    from workbench.plugins import get_registry
+    from workbench.profile import load_profile
+
+    registry = get_registry()
+    worst = ExitCode.OK
+    for path in files:
+        try:
+            load_profile(path, registry)
+            typer.echo(f"{path}: ok")
+        except WorkbenchError as exc:
+            _fail(exc)
+            worst = max(worst, exc.exit_code)
+    raise typer.Exit(int(worst))
+
+
+@app.command()
+def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List loaded plugins, what each provides, and plugins that failed to load."""
+    from workbench.plugins import get_registry
+
+    try:
+        registry = get_registry()
+    except WorkbenchError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps({
+            "plugins": [vars(p) for p in registry.plugins],
+            "failures": [vars(f) for f in registry.failures],
+        }, indent=2))
+        return
+    table = Table(title="workbench plugins")
+    for column in ("plugin", "distribution", "version", "provides"):
+        table.add_column(column)
+    for p in registry.plugins:
+        table.add_row(p.name, p.distribution, p.version, ", ".join(p.provides))
+    console = Console(highlight=False)
+    console.print(table)
+    for failure in registry.failures:
+        console.print(f"[red]failed[/]: {failure}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        sys.exit(int(ExitCode.INTERRUPTED))
+
+
+if __name__ == "__main__":
+    main()

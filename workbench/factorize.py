@@ -1,0 +1,59 @@
+"""Grouped SVD of whitened weights: one shared input basis P_g, one output factor Q⁽ˡ⁾ per layer.
+
+For a group of n layers of one matrix type, W_g = [W⁽¹⁾; …; W⁽ⁿ⁾] (n·out × in) is whitened with the
+group's summed Gram, A = W_g L = U Σ Vᵀ, and rank k keeps Q = U_k Σ_k^{1/2}, P = Σ_k^{1/2} V_kᵀ L⁻¹.
+The whitened loss at rank k is exactly Σ_{i>k} σ_i² (Eckart–Young), the engine's built-in check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workbench.whitening import Whitening, whitening_factor
+
+
+@dataclass
+class GroupFactors:
+    """The SVD of one group's whitened matrix, truncated at the largest rank worth keeping."""
+
+    singular_values: torch.Tensor  # all of them, float64, descending
+    u: torch.Tensor  # n·out × r (float64)
+    vt_linv: torch.Tensor  # r × in: V_rᵀ L⁻¹ (float64)
+    out_features: int
+    whitening: Whitening
+
+    def factors(self, rank: int, dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(Q per layer, shared P) at `rank`, split Σ^{1/2} evenly between the two factors."""
+        if not 1 <= rank <= self.u.shape[1]:
+            raise ValueError(f"rank {rank} outside [1, {self.u.shape[1]}]")
+        root = self.singular_values[:rank].sqrt()
+        q = self.u[:, :rank] * root
+        p = root[:, None] * self.vt_linv[:rank]
+        qs = [block.to(dtype).clone() for block in q.split(self.out_features, dim=0)]
+        return qs, p.to(dtype).contiguous()
+
+
+def whitened_svd(weights: list[torch.Tensor], gram: torch.Tensor, keep: int, method: str = "cholesky") -> GroupFactors:
+    """SVD of [W⁽¹⁾; …; W⁽ⁿ⁾]·L, keeping the first `keep` components' vectors (all singular values)."""
+    stacked = torch.cat([w.detach().to(device=gram.device, dtype=torch.float64) for w in weights], dim=0)
+    white = whitening_factor(gram, method)
+    a = stacked @ white.factor
+    u, s, vt = torch.linalg.svd(a, full_matrices=False)
+    keep = min(keep, s.numel())
+    vt_linv = white.right_inverse(vt[:keep])
+    return GroupFactors(s, u[:, :keep].contiguous(), vt_linv.contiguous(), weights[0].shape[0], white)
+
+
+def measured_loss(weights: list[torch.Tensor], factors: GroupFactors, rank: int) -> float:
+    """‖(W_g − Q P) L‖²_F in float64, computed from the factors themselves (not from σ)."""
+    stacked = torch.cat([w.detach().to(device=factors.u.device, dtype=torch.float64) for w in weights], dim=0)
+    root = factors.singular_values[:rank].sqrt()
+    approx = (factors.u[:, :rank] * root) @ (root[:, None] * factors.vt_linv[:rank])
+    return float((((stacked - approx) @ factors.whitening.factor) ** 2).sum())
+
+
+def predicted_loss(factors: GroupFactors, rank: int) -> float:
+    """Σ_{i>k} σ_i²: the whitened truncation loss by Eckart–Young."""
+    return float((factors.singular_values[rank:] ** 2).sum())

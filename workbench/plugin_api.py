@@ -1,0 +1,248 @@
+"""The public types a plugin works with: declared options, allocator input, adapter sites, evaluators.
+
+Built-in plugins use exactly these types; if a built-in needs more, this module is what changes.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from workbench.errors import Problem
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+    from workbench.events import EventBus
+
+
+# --------------------------------------------------------------------------- options
+
+_TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option a plugin accepts, declared so profiles and the app can validate and show it."""
+
+    name: str
+    type: type
+    default: Any
+    help: str = ""
+    choices: tuple[Any, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+
+    def describe(self) -> str:
+        if self.choices:
+            return " | ".join(repr(c) for c in self.choices)
+        text = _TYPE_NAMES.get(self.type, self.type.__name__)
+        if self.min is not None and self.max is not None:
+            text += f" in [{self.min}, {self.max}]"
+        elif self.min is not None:
+            text += f" >= {self.min}"
+        elif self.max is not None:
+            text += f" <= {self.max}"
+        return text
+
+    def check(self, value: Any) -> tuple[Any, str | None]:
+        """Return (coerced value, error message or None)."""
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if self.type is bool and not isinstance(value, bool):
+            return value, f"expected a boolean, got {value!r}"
+        if self.type in (int, float) and isinstance(value, bool):
+            return value, f"expected {_TYPE_NAMES[self.type]}, got {value!r}"
+        if not isinstance(value, self.type):
+            return value, f"expected {_TYPE_NAMES.get(self.type, self.type.__name__)}, got {value!r}"
+        if self.choices is not None and value not in self.choices:
+            return value, f"{value!r} is not one of the choices"
+        if self.min is not None and value < self.min:
+            return value, f"{value!r} is below the minimum {self.min}"
+        if self.max is not None and value > self.max:
+            return value, f"{value!r} is above the maximum {self.max}"
+        return value, None
+
+
+def nearest(name: str, candidates: Sequence[str]) -> str | None:
+    """The closest valid name for a misspelling, or None."""
+    hits = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return hits[0] if hits else None
+
+
+def validate_options(
+    declared: Sequence[Option],
+    given: Mapping[str, Any],
+    *,
+    file: str,
+    key_prefix: str,
+    lines: Mapping[str, int] | None = None,
+) -> tuple[dict[str, Any], list[Problem]]:
+    """Check `given` against `declared`; return the resolved options (defaults filled) and problems.
+
+    `lines` maps a full dotted key to its line number where the caller knows it.
+    """
+    lines = lines or {}
+    by_name = {o.name: o for o in declared}
+    resolved = {o.name: o.default for o in declared}
+    problems: list[Problem] = []
+    for name, value in given.items():
+        key = f"{key_prefix}.{name}" if key_prefix else name
+        option = by_name.get(name)
+        if option is None:
+            allowed = ", ".join(sorted(by_name)) or "no options"
+            problems.append(
+                Problem(file, key, "unknown option", lines.get(key), allowed, nearest(name, list(by_name)))
+            )
+            continue
+        coerced, error = option.check(value)
+        if error:
+            problems.append(Problem(file, key, error, lines.get(key), option.describe()))
+        else:
+            resolved[name] = coerced
+    return resolved, problems
+
+
+class Plugin:
+    """Common shape of everything a plugin registers: a name, a line of text, declared options."""
+
+    name: str = ""
+    description: str = ""
+    options: tuple[Option, ...] = ()
+
+
+# --------------------------------------------------------------------------- allocators
+
+
+@dataclass
+class GroupSpectrum:
+    """What an allocator knows about one group: one matrix type over `layers`, sharing a basis."""
+
+    key: str  # stable id, e.g. "q_proj@0-1"
+    matrix_type: str  # e.g. "q_proj"
+    layers: tuple[int, ...]
+    in_features: int
+    out_features: int  # per layer
+    singular_values: "torch.Tensor"  # float64, descending, of the whitened group matrix W_g L_g
+    sensitivity: Mapping[str, Any] = field(default_factory=dict)  # optional extra signals
+
+    @property
+    def n(self) -> int:
+        return len(self.layers)
+
+    @property
+    def omega(self) -> int:
+        """Parameters per retained rank: one shared P row plus one Q column per layer."""
+        return self.in_features + self.n * self.out_features
+
+    @property
+    def dense_params(self) -> int:
+        return self.n * self.in_features * self.out_features
+
+    @property
+    def max_rank(self) -> int:
+        """Largest rank that is still useful: the SVD's rank bound, capped at break-even.
+
+        At or past n·in·out/ω a factorization stores more than the dense weights, so the engine
+        keeps the layers dense there (costing exactly the dense parameters).
+        """
+        full = min(self.in_features, self.n * self.out_features)
+        return min(full, self.dense_params // self.omega)
+
+    @property
+    def effective_rank(self) -> float:
+        import torch
+
+        s2 = self.singular_values.double() ** 2
+        total = s2.sum()
+        if total <= 0:
+            return 1.0
+        p = s2 / total
+        p = p[p > 0]
+        return float(torch.exp(-(p * p.log()).sum()))
+
+    def loss_at(self, k: int) -> float:
+        """Whitened truncation loss Σ_{i>k} σ_i² when keeping k components."""
+        return float((self.singular_values.double()[k:] ** 2).sum())
+
+
+class Allocator(Plugin):
+    """Turns spectra and a parameter budget into integer ranks, one per group.
+
+    `budget` is the number of parameters the targeted layers may keep. A group whose rank is
+    `group.max_rank` or more is kept dense and costs `group.dense_params`; otherwise it costs
+    `rank * group.omega`. Return {group.key: rank}. The engine checks the answer.
+    """
+
+    def allocate(self, groups: Sequence[GroupSpectrum], budget: int, options: Mapping[str, Any]) -> dict[str, int]:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+@dataclass(frozen=True)
+class Site:
+    """One compressible matrix type in every decoder layer."""
+
+    matrix_type: str  # e.g. "q_proj"; what profiles name in `targets`
+    path: str  # module path inside one decoder layer, e.g. "self_attn.q_proj"
+    input_group: str  # sites with the same input group see the same input (and share one Gram)
+
+
+class Adapter(Plugin):
+    """Knows one architecture family: which modules to compress and how they are grouped."""
+
+    #: Higher priority adapters are asked first when several could claim a model.
+    priority: int = 0
+
+    def claims(self, model: "nn.Module") -> bool:
+        """True when this adapter understands `model` (decided from config and modules)."""
+        raise NotImplementedError
+
+    def decoder_layers(self, model: "nn.Module") -> "nn.ModuleList":
+        raise NotImplementedError
+
+    def sites(self, model: "nn.Module") -> list[Site]:
+        raise NotImplementedError
+
+    def default_targets(self, model: "nn.Module") -> list[str]:
+        return [s.matrix_type for s in self.sites(model)]
+
+    def default_group_size(self, model: "nn.Module", matrix_type: str) -> int:
+        return 1
+
+
+# --------------------------------------------------------------------------- evaluators
+
+
+@dataclass
+class EvalContext:
+    """What an evaluator may use besides the model: where to cache, how to report, when to stop."""
+
+    device: "torch.device"
+    events: "EventBus"
+    cancel: Any  # workbench.events.CancelToken
+    seed: int = 0
+    label: str = "dense"  # "dense" or "compressed"
+
+
+@dataclass
+class EvalResult:
+    """One measured value. The run pairs the dense and the compressed result per evaluator."""
+
+    dataset: str
+    metric: str
+    value: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Evaluator(Plugin):
+    #: The dense figure depends only on model, options and this version: cache it across runs.
+    cacheable: bool = False
+    version: str = "1"
+
+    def evaluate(self, model: "nn.Module", tokenizer: Any, options: Mapping[str, Any], ctx: EvalContext) -> EvalResult:
+        raise NotImplementedError
