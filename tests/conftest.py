@@ -38,3 +38,65 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
     if "WORKBENCH_CACHE" not in os.environ:
         monkeypatch.setenv("WORKBENCH_DENSE_CACHE", str(tmp_path_factory.mktemp("dense")))
+
+
+_WORDS = ("the cat dog runs fast slow red blue green house tree river stone light dark old new big small "
+          "city field rain sun moon star sings reads writes falls rises").split()
+
+
+def write_text_corpus(path, documents: int = 120, seed: int = 0) -> None:
+    """Documents of pseudo-English separated by blank lines (a `.txt` dataset)."""
+    import random
+
+    rng = random.Random(seed)
+    docs = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(40, 90))) + "." for _ in range(documents)]
+    path.write_text("\n\n".join(docs))
+
+
+def save_tiny_model(directory, kv_heads: int = 2, layers: int = 4):
+    """A tiny random Llama plus a BPE tokenizer trained on the corpus words, saved like a hub model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator([" ".join(_WORDS)] * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    model = tiny_llama(kv_heads=kv_heads, layers=layers)
+    model.save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tmp_path_factory):
+    """A saved tiny model and a text corpus, shared by the end-to-end tests."""
+    root = tmp_path_factory.mktemp("workspace")
+    save_tiny_model(root / "tiny-llama")
+    write_text_corpus(root / "corpus.txt")
+    return root
+
+
+def tiny_profile(root, out, ratio=0.3, group_size=1, extra: str = "") -> str:
+    return f"""
+name = "tiny"
+[model]
+source = "{root / 'tiny-llama'}"
+device = "cpu"
+[calibration]
+dataset = "{root / 'corpus.txt'}"
+samples = 8
+seq_len = 32
+[compression]
+ratio = {ratio}
+group_size = {group_size}
+[[evaluate]]
+evaluator = "perplexity"
+dataset = "{root / 'corpus.txt'}"
+seq_len = 32
+max_windows = 4
+[output]
+dir = "{out}"
+{extra}
+"""

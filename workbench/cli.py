@@ -23,7 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress LLM
 profile_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Work with profiles.")
 app.add_typer(profile_app, name="profile")
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # messages stay whole lines for grep
 
 
 def _fail(exc: WorkbenchError) -> "typer.Exit":

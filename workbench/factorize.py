@@ -35,15 +35,44 @@ class GroupFactors:
         return qs, p.to(dtype).contiguous()
 
 
+def _svd_by_eigh(a: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of `a` from the eigendecomposition of its smaller Gram matrix (float64).
+
+    Three to four times faster than LAPACK's SVD on a CPU. Squaring costs relative accuracy only
+    for σ_i below ~1e-8·σ_1, far past any rank worth keeping; their σ_i² (all the loss needs) stay
+    accurate to float64 rounding of the total energy. Returns (σ, U_keep, V_keepᵀ).
+    """
+    wide = a.shape[0] <= a.shape[1]
+    evals, evecs = torch.linalg.eigh(a @ a.mT if wide else a.mT @ a)
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    s = evals.sqrt()
+    keep = min(keep, s.numel())
+    # Components at rounding level carry no signal: zero them rather than amplify noise by 1/σ.
+    live = s[:keep] > s[0] * 1e-10
+    inv = torch.where(live, 1.0 / s[:keep].where(live, torch.ones_like(s[:keep])), torch.zeros_like(s[:keep]))
+    if wide:  # eigenvectors are U; V_kᵀ = Σ_k⁻¹ U_kᵀ A
+        u = evecs[:, :keep]
+        vt = inv[:, None] * (u.mT @ a)
+    else:  # eigenvectors are V; U_k = A V_k Σ_k⁻¹
+        vt = evecs[:, :keep].mT
+        u = (a @ evecs[:, :keep]) * inv
+    return s, u, vt
+
+
 def whitened_svd(weights: list[torch.Tensor], gram: torch.Tensor, keep: int, method: str = "cholesky") -> GroupFactors:
     """SVD of [W⁽¹⁾; …; W⁽ⁿ⁾]·L, keeping the first `keep` components' vectors (all singular values)."""
     stacked = torch.cat([w.detach().to(device=gram.device, dtype=torch.float64) for w in weights], dim=0)
     white = whitening_factor(gram, method)
     a = stacked @ white.factor
-    u, s, vt = torch.linalg.svd(a, full_matrices=False)
-    keep = min(keep, s.numel())
-    vt_linv = white.right_inverse(vt[:keep])
-    return GroupFactors(s, u[:, :keep].contiguous(), vt_linv.contiguous(), weights[0].shape[0], white)
+    if a.is_cuda:  # GPU SVD is fast and exact enough; the eigh shortcut pays on CPUs
+        u, s, vt = torch.linalg.svd(a, full_matrices=False)
+        keep = min(keep, s.numel())
+        u, vt = u[:, :keep], vt[:keep]
+    else:
+        s, u, vt = _svd_by_eigh(a, keep)
+        keep = u.shape[1]
+    vt_linv = white.right_inverse(vt)
+    return GroupFactors(s, u.contiguous(), vt_linv.contiguous(), weights[0].shape[0], white)
 
 
 def measured_loss(weights: list[torch.Tensor], factors: GroupFactors, rank: int) -> float:

@@ -1,0 +1,91 @@
+"""Benchmark the quickstart: compression time per stage, peak RSS, and the floor.
+
+The floor is one plain forward pass of the dense model over the same calibration tokens (same
+windows, same batch size), timed in this same invocation: calibration cannot be cheaper than
+that, so `compress_s / floor_s` says how much the engine adds on top of running the model.
+
+    .venv/bin/python bench/quickstart.py [--profile profiles/quickstart.toml] [--repeats 1]
+
+Prints a JSON object and a Markdown row for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def floor_seconds(profile, repeats: int) -> float:
+    from workbench.calibration import capture_layer_inputs  # noqa: F401 - same batching as the engine
+    from workbench.data import calibration_windows
+    from workbench.models import load_model
+
+    loaded = load_model(profile.model.source, profile.model.dtype, profile.model.device)
+    windows = calibration_windows(loaded.tokenizer, profile.calibration.dataset, profile.calibration.samples,
+                                  profile.calibration.seq_len, profile.calibration.seed)
+    times = []
+    with torch.inference_mode():
+        # Only the decoder stack (the part calibration runs), not the lm_head over 49k tokens.
+        body = loaded.model.model
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for i in range(0, windows.shape[0], 8):
+                body(input_ids=windows[i:i + 8].to(loaded.device), use_cache=False)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=str(ROOT / "profiles" / "quickstart.toml"))
+    parser.add_argument("--repeats", type=int, default=1, help="runs of the floor pass (median)")
+    args = parser.parse_args()
+
+    from workbench.profile import load_profile
+
+    profile = load_profile(args.profile)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "workbench.cli", "run", args.profile, "--output", str(out), "--log-format", "plain"]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - start
+        report = json.loads((out / "report.json").read_text())
+    floor = floor_seconds(profile, args.repeats)
+    timings = report["timings"]
+    result = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads, device {report['model']['device']}",
+        "profile": args.profile,
+        "stages_s": {k: v for k, v in timings.items() if not k.endswith("_s")},
+        "compress_s": timings["compress_s"],
+        "floor_s": round(floor, 3),
+        "compress_over_floor": round(timings["compress_s"] / floor, 2),
+        "wall_s": round(wall, 1),
+        "peak_rss_gib": round(report["peak_memory"]["rss_bytes"] / 2**30, 2),
+        "ratio_targeted": round(report["params"]["ratio_targeted"], 4),
+        "metrics": [{k: m.get(k) for k in ("evaluator", "dataset", "dense", "compressed")} for m in report["metrics"]],
+    }
+    print(json.dumps(result, indent=2))
+    ppl = report["metrics"][0] if report["metrics"] else {}
+    print(f"| {result['date']} | {result['machine']} | {result['compress_s']:.1f} | {result['floor_s']:.1f} | "
+          f"{result['compress_over_floor']} | {result['peak_rss_gib']} | {ppl.get('dense', float('nan')):.2f} → "
+          f"{ppl.get('compressed', float('nan')):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
