@@ -86,3 +86,16 @@ def test_nan_gram_is_refused():
     gram[1, 1] = float("nan")
     with pytest.raises(FloatingPointError):
         whitening_factor(gram)
+
+
+@pytest.mark.parametrize("width", [16, 1100])
+def test_blocked_gram_equals_plain_float64_product(width):
+    from workbench.calibration import add_gram, symmetrize
+
+    g = torch.Generator().manual_seed(width)
+    gram = torch.zeros(width, width, dtype=torch.float64)
+    batches = [torch.randn(64, width, generator=g, dtype=torch.float64) for _ in range(3)]
+    for x in batches:
+        add_gram(gram, x)
+    stacked = torch.cat(batches)
+    assert torch.allclose(symmetrize(gram), stacked.T @ stacked, rtol=1e-12, atol=1e-10)

@@ -88,14 +88,16 @@ def calibrate(model: nn.Module, adapter: Adapter, plans: Sequence[GroupPlan], wi
             run_layer(layer, batches, cancel.check)
         finally:
             acc.close()
-        for group_name, gram in acc.grams.items():
+        for group_name, gram in acc.grams.items():  # symmetric, complete
             if not torch.isfinite(gram).all():
                 raise RunFailed(f"layer {i}, input of {group_name}: NaN or Inf in the calibration activations")
             grams[(group_name, i)] = gram
             tokens = acc.tokens[group_name]
         for plan in [p for p in pending.values() if p.layers[-1] == i]:
             f = _factor_group(layers, plan, grams, whitening, device, full_factors)
-            factors[plan.key] = f
+            # float64 was needed for the SVD and its check; float32 factors are exact enough to
+            # build float32/bf16 modules and halve the memory held until allocation.
+            factors[plan.key] = f.compact(torch.float64 if full_factors else torch.float32)
             report.append({"group": plan.key, "method": f.whitening.method, "rank_of_gram": f.whitening.rank,
                            "fallback": f.whitening.fallback_reason})
             if f.whitening.fell_back:

@@ -24,13 +24,19 @@ class GroupFactors:
     out_features: int
     whitening: Whitening
 
+    def compact(self, dtype: torch.dtype = torch.float32) -> "GroupFactors":
+        """Keep the vectors in `dtype` once checked: halves what waits for allocation."""
+        self.u = self.u.to(dtype)
+        self.vt_linv = self.vt_linv.to(dtype)
+        return self
+
     def factors(self, rank: int, dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(Q per layer, shared P) at `rank`, split Σ^{1/2} evenly between the two factors."""
         if not 1 <= rank <= self.u.shape[1]:
             raise ValueError(f"rank {rank} outside [1, {self.u.shape[1]}]")
         root = self.singular_values[:rank].sqrt()
-        q = self.u[:, :rank] * root
-        p = root[:, None] * self.vt_linv[:rank]
+        q = self.u[:, :rank].to(root.dtype) * root
+        p = root[:, None] * self.vt_linv[:rank].to(root.dtype)
         qs = [block.to(dtype).clone() for block in q.split(self.out_features, dim=0)]
         return qs, p.to(dtype).contiguous()
 
