@@ -7,9 +7,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-def tiny_llama(kv_heads: int = 2, layers: int = 4, seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
+def tiny_llama(kv_heads: int = 2, layers: int = 4, seed: int = 0, tie: bool = False,
+               intermediate: int = 128) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+    config = LlamaConfig(hidden_size=64, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
                          num_key_value_heads=kv_heads, vocab_size=128, max_position_embeddings=256,
                          tie_word_embeddings=tie)
     return LlamaForCausalLM(config).eval()

@@ -163,3 +163,18 @@ def test_unclaimed_model_exits_2_with_supported_list(tmp_path):
     result = runner.invoke(app, ["run", str(path), "--log-format", "plain"])
     assert result.exit_code == 2, result.output
     assert "no architecture adapter" in result.output and "llama" in result.output
+
+
+def test_unexpected_error_exits_1_naming_the_stage(tiny_workspace, tmp_path, monkeypatch):
+    import workbench.engine as engine
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(engine, "whitened_svd", broken)
+    path = _write(tmp_path, tiny_profile(tiny_workspace, tmp_path / "out"))
+    result = runner.invoke(app, ["run", str(path), "--log-format", "plain"])
+    assert result.exit_code == 1
+    assert "stage 'calibrate' failed" in result.output and "simulated kernel failure" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

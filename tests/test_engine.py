@@ -156,3 +156,16 @@ def test_allocator_answers_are_checked(registry, gqa_model, calib_ids, answer, m
     with pytest.raises(PluginError, match=match) as info:
         allocate(_Bad(answer), "allocator 'bad' from bad-plugin 1.0", cal.spectra, budget_for(cal.spectra, 0.3), {})
     assert "bad-plugin 1.0" in str(info.value)
+
+
+def test_wide_inputs_take_the_blocked_gram_path_exactly(registry, calib_ids):
+    """down_proj's 1024-wide input is accumulated in blocks; the factor path must stay exact."""
+    from workbench.calibration import BLOCKED_FROM
+
+    model = tiny_llama(layers=2, intermediate=BLOCKED_FROM)
+    with torch.no_grad():
+        dense = model(calib_ids[:2]).logits
+    cal, _, _ = _compress(model, registry, calib_ids, 0.0, 1, full=True)
+    with torch.no_grad():
+        out = model(calib_ids[:2]).logits
+    assert float((out - dense).norm() / dense.norm()) < 1e-4

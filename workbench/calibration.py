@@ -74,6 +74,7 @@ def add_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
             gram[edges[a]:edges[a + 1], edges[b]:edges[b + 1]].addmm_(xa.mT, x[:, edges[b]:edges[b + 1]])
 
 
+@torch.inference_mode()  # the Grams were made inside inference mode, so they are updated inside it too
 def symmetrize(gram: torch.Tensor) -> torch.Tensor:
     edges = _edges(gram.shape[0])
     for a in range(len(edges) - 1):

@@ -82,6 +82,7 @@ def run(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory (overrides [output] dir)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory (atomically)."),
     log_format: str = typer.Option("auto", "--log-format", help="auto | live | plain | json"),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback when the run fails."),
 ) -> None:
     """Compress, evaluate and write report.json (and the model) into the output directory."""
     from workbench.display import make_renderer, print_summary
@@ -107,6 +108,8 @@ def run(
         if log_format != "json":
             print_summary(out, report)
     except WorkbenchError as exc:
+        if debug and exc.__cause__ is not None:
+            err.print_exception()
         raise _fail(exc) from None
 
 

@@ -36,7 +36,12 @@ class _Timer:
     def stage(self, name: str, events: EventBus, message: str = ""):
         start = time.perf_counter()
         events.emit("stage_start", name, message)
-        yield
+        try:
+            yield
+        except (WorkbenchError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # an unexpected error: say where, keep the traceback for --debug
+            raise RunFailed(f"stage '{name}' failed: {type(exc).__name__}: {exc}") from exc
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
         events.emit("stage_end", name, f"{self.timings[name]:.1f} s")
 
@@ -190,10 +195,12 @@ def run(profile, *, output_dir: str | Path | None = None, force: bool = False, e
 
 
 def run_safely(*args, **kwargs) -> dict[str, Any]:
-    """`run`, with torch errors turned into RunFailed naming the stage (for the CLI and the app)."""
+    """`run`, with any unexpected error turned into RunFailed (for the CLI and the app)."""
     try:
         return run(*args, **kwargs)
     except (WorkbenchError, KeyboardInterrupt):
         raise
     except torch.cuda.OutOfMemoryError as exc:
         raise RunFailed(f"out of GPU memory: {exc}. Lower calibration.samples or use a smaller dtype.") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise RunFailed(f"{type(exc).__name__}: {exc}") from exc
