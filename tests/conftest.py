@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny randomly initialised Llama models (MHA and GQA) built from configs."""
+"""Shared fixtures: tiny randomly initialised models (Llama MHA/GQA, Mistral, Qwen2) built from configs."""
 
 from __future__ import annotations
 
@@ -14,6 +14,34 @@ def tiny_llama(kv_heads: int = 2, layers: int = 4, seed: int = 0, tie: bool = Fa
                          num_key_value_heads=kv_heads, vocab_size=128, max_position_embeddings=256,
                          tie_word_embeddings=tie)
     return LlamaForCausalLM(config).eval()
+
+
+# A window shorter than the test sequences (32 tokens), so a lost sliding window would show.
+TINY_SLIDING_WINDOW = 16
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def tiny_model(family: str = "llama", kv_heads: int = 2, layers: int = 4, seed: int = 0, tie: bool = False):
+    """A tiny random model of `family` with tiny_llama's shapes (4 heads of 16, MLP 128)."""
+    if family == "llama":
+        return tiny_llama(kv_heads=kv_heads, layers=layers, seed=seed, tie=tie)
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    shapes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=kv_heads, vocab_size=128, max_position_embeddings=256,
+                  tie_word_embeddings=tie, rope_theta=50000.0)
+    if family == "mistral":
+        return MistralForCausalLM(MistralConfig(sliding_window=TINY_SLIDING_WINDOW, **shapes)).eval()
+    if family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**shapes)).eval()
+        # transformers initialises biases to zero; random ones make "the bias is kept" testable.
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    getattr(layer.self_attn, name).bias.normal_(0.0, 0.5)
+        return model
+    raise ValueError(f"unknown family {family!r} (known: {', '.join(FAMILIES)})")
 
 
 @pytest.fixture
@@ -54,8 +82,9 @@ def write_text_corpus(path, documents: int = 120, seed: int = 0) -> None:
     path.write_text("\n\n".join(docs))
 
 
-def save_tiny_model(directory, kv_heads: int = 2, layers: int = 4):
-    """A tiny random Llama plus a BPE tokenizer trained on the corpus words, saved like a hub model."""
+def save_tiny_model(directory, kv_heads: int = 2, layers: int = 4, family: str = "llama", tie: bool = False):
+    """A tiny random model (Llama unless `family` says) plus a BPE tokenizer trained on the corpus
+    words, saved like a hub model."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -64,7 +93,7 @@ def save_tiny_model(directory, kv_heads: int = 2, layers: int = 4):
     trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"])
     tok.train_from_iterator([" ".join(_WORDS)] * 20, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    model = tiny_llama(kv_heads=kv_heads, layers=layers)
+    model = tiny_model(family, kv_heads=kv_heads, layers=layers, tie=tie)
     model.save_pretrained(directory)
     fast.save_pretrained(directory)
     return model

@@ -101,3 +101,16 @@ def test_blocked_gram_equals_plain_float64_product(width):
             add_gram(gram, x)
     stacked = torch.cat(batches)
     assert torch.allclose(symmetrize(gram), stacked.T @ stacked, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["cholesky", "eigen"])
+def test_compact_drops_the_whitening_factor_but_keeps_the_factors(method):
+    """What waits for allocation is U and VᵀL⁻¹ only, not the in×in float64 L."""
+    w, x = _data()
+    f = whitened_svd([w], x.T @ x, keep=16, method=method)
+    qs, p = f.factors(4, dtype=torch.float64)
+    f.compact(torch.float32)
+    assert f.whitening.factor.numel() == 0 and f.whitening._pinv_half is None
+    assert (f.whitening.method, f.u.dtype, f.vt_linv.dtype) == (method, torch.float32, torch.float32)
+    qs32, p32 = f.factors(4, dtype=torch.float64)
+    assert torch.allclose(qs32[0] @ p32, qs[0] @ p, rtol=1e-5, atol=1e-6 * float((qs[0] @ p).abs().max()))

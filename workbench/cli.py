@@ -153,6 +153,12 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         table.add_row(p.name, p.distribution, p.version, ", ".join(p.provides))
     console = Console(highlight=False)
     console.print(table)
+    for kind in ("allocator", "adapter", "evaluator"):
+        items = registry.table(kind)
+        if items:
+            console.print(f"\n[bold]{kind}s[/]")
+            for name, obj in items.items():
+                console.print(f"  {name:<18} {obj.description}", markup=False)
     for failure in registry.failures:
         console.print(f"[red]failed[/]: {failure}")
 

@@ -156,8 +156,23 @@ def _read_local(path: Path) -> list[str]:
     return docs
 
 
+def wiki_vital_articles(split: str) -> list[dict[str, str]]:
+    """The articles behind one split of `embedded:wiki-vital`: title, description, extract, topic.
+
+    Same order as `load_documents(EMBEDDED_WIKI, split)`, whose documents are the extracts.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    entries = _wiki_vital_entries()  # read afresh (~0.1 s): only the texts are worth caching
+    return [dict(e) for e in (entries[:WIKI_CALIBRATION] if split == "calibration" else entries[-WIKI_EVALUATION:])]
+
+
 @functools.lru_cache(maxsize=1)
 def _wiki_vital() -> tuple[str, ...]:
+    return tuple(entry["extract"] for entry in _wiki_vital_entries())
+
+
+def _wiki_vital_entries() -> tuple[dict[str, str], ...]:
     # Located as a file: importing the package would pull in the OVOS skill framework.
     spec = importlib.util.find_spec(WIKI_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -168,12 +183,11 @@ def _wiki_vital() -> tuple[str, ...]:
             break
     else:
         raise UsageError(f"dataset '{EMBEDDED_WIKI}': summaries_en-us.json missing from {WIKI_PACKAGE}; reinstall with `{WIKI_PIP}`")
-    entries = json.loads(path.read_text(encoding="utf-8"))
-    texts = [entry["extract"] for entry in entries.values()]
-    random.Random(0).shuffle(texts)
-    if len(texts) < WIKI_CALIBRATION + WIKI_EVALUATION:
-        raise UsageError(f"dataset '{EMBEDDED_WIKI}': only {len(texts)} summaries in {path}")
-    return tuple(texts)
+    entries = list(json.loads(path.read_text(encoding="utf-8")).values())
+    random.Random(0).shuffle(entries)  # the permutation depends only on the count: splits are stable
+    if len(entries) < WIKI_CALIBRATION + WIKI_EVALUATION:
+        raise UsageError(f"dataset '{EMBEDDED_WIKI}': only {len(entries)} summaries in {path}")
+    return tuple(entries)
 
 
 def _hf_documents(dataset: str, split: str) -> list[str]:

@@ -157,8 +157,6 @@ def assemble(model: nn.Module, adapter: Adapter, plans: Sequence[GroupPlan], fac
             new.coef = nn.Parameter(q.to(device), requires_grad=False)
             if old.bias is not None:
                 new.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)
-            parent_path, _, child = plan.site.path.rpartition(".")
-            parent = layers[i].get_submodule(parent_path) if parent_path else layers[i]
-            setattr(parent, child, new)
+            adapter.replace_module(layers[i], plan.site.path, new)
         del factors[plan.key]  # free the float64 factors as soon as they are used
     return table

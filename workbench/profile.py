@@ -67,7 +67,7 @@ SECTIONS: dict[str, tuple[Option, ...]] = {
     "compression": (
         Option("ratio", float, 0.2, "fraction of the targeted linear parameters removed, in [0, 1)"),
         Option("allocator", str, "uniform", "the registered allocator that picks ranks"),
-        Option("group_size", int, 1, f"layers sharing one basis: {GROUP_SIZE_ALLOWED}"),
+        Option("group_size", int, None, f"layers sharing one basis: {GROUP_SIZE_ALLOWED}"),
         Option("targets", list, None, f"what to compress (default: the adapter's choice): {PATTERNS_ALLOWED}"),
         Option("ignore", list, [], f"what to leave dense: {PATTERNS_ALLOWED}"),
         Option("whitening", str, "cholesky", "how the Gram matrix is factored", choices=("cholesky", "eigen")),
@@ -108,15 +108,16 @@ class CalibrationSection:
 class CompressionSection:
     ratio: float
     allocator: str
-    group_size: int | dict[str, int]
+    group_size: int | dict[str, int] | None  # None (or a type the table leaves out): the adapter's default
     targets: list[str] | None  # None: the adapter's defaults
     ignore: list[str]
     whitening: str
     allocator_options: dict[str, Any]
 
-    def group_size_for(self, matrix_type: str) -> int:
+    def group_size_for(self, matrix_type: str) -> int | None:
+        """The profile's group size for `matrix_type`, or None to take the adapter's default."""
         if isinstance(self.group_size, dict):
-            return self.group_size.get(matrix_type, 1)
+            return self.group_size.get(matrix_type)
         return self.group_size
 
 

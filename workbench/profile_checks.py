@@ -17,15 +17,16 @@ from workbench.errors import Problem
 from workbench.plugin_api import Option, nearest
 from workbench.profile_locate import find_line, key_at, key_lines
 
-EMBEDDED_MODELS = ("embedded:smollm2-135m",)
+EMBEDDED_MODELS = ("embedded:smollm2-135m", "embedded:smollm2-135m-mha")
 DATASETS = ("embedded:wiki-vital", "wikitext2", "ptb", "c4")
 DATASET_SUFFIXES = (".txt", ".jsonl")  # what workbench.data reads
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 
-SOURCE_ALLOWED = "embedded:smollm2-135m, a hub id 'org/name', a local model directory or a .gguf file"
+SOURCE_ALLOWED = "embedded:smollm2-135m (or its multi-head copy embedded:smollm2-135m-mha), a hub id 'org/name', a local model directory or a .gguf file"
 DATASET_ALLOWED = ", ".join(DATASETS) + ", or a path to a .txt or .jsonl file"
 PATTERNS_ALLOWED = "a list of matrix type names (e.g. 'q_proj') or 're:' regular expressions"
-GROUP_SIZE_ALLOWED = "integer >= 1, or a table of matrix type = integer >= 1"
+GROUP_SIZE_ALLOWED = ("integer >= 1, or a table of matrix type = integer >= 1"
+                      " (left out, or a type the table leaves out: the architecture adapter's default)")
 
 
 class Checker:
@@ -131,8 +132,10 @@ def check_device(c: Checker, device: str) -> None:
         c.add("model.device", f"unknown device {device!r}", " | ".join(DEVICES), nearest(device, DEVICES[:3]))
 
 
-def check_group_size(c: Checker, value: Any) -> int | dict[str, int]:
+def check_group_size(c: Checker, value: Any) -> int | dict[str, int] | None:
     key = "compression.group_size"
+    if value is None:  # not given: the adapter decides per matrix type
+        return None
     one = Option("group_size", int, 1, min=1)
     if isinstance(value, dict):
         sizes = {}

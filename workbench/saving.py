@@ -1,8 +1,10 @@
 """Saving a compressed model and rebuilding it: `workbench.load_compressed(DIR)`.
 
 Layout of `DIR/model/`: the dense `config.json`, the tokenizer, `compression.json` (which modules
-are low-rank, at what rank, which share a basis) and `model.safetensors` holding every tensor
-once: a group's shared basis P is stored under `workbench.basis.<group>` instead of per layer.
+are low-rank, at what rank, which share a basis, which adapter compressed it) and
+`model.safetensors` holding every tensor once: a group's shared basis P is stored under
+`workbench.basis.<group>` instead of per layer. Everything that was not compressed (embeddings,
+norms, biases, rotary and sliding-window settings in the config) is saved as it was.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 from workbench.errors import UsageError
 from workbench.lowrank import LowRankLinear
+from workbench.plugin_api import Adapter
 
 FORMAT = "workbench.compressed/1"
 BASIS_PREFIX = "workbench.basis."
@@ -26,10 +29,12 @@ def _lowrank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
-def save_compressed(model: nn.Module, tokenizer: Any, directory: Path, groups: list[dict[str, Any]]) -> None:
+def save_compressed(model: nn.Module, tokenizer: Any, directory: Path, groups: list[dict[str, Any]],
+                    adapter: Adapter | None = None) -> None:
     """Write the model into `directory` (which the caller made and will publish atomically).
 
     `groups` is the engine's rank table; each non-dense entry has `group` and `modules` (names).
+    `adapter`, when given, is recorded so loading rebuilds the model the way that adapter says.
     """
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
@@ -61,6 +66,7 @@ def save_compressed(model: nn.Module, tokenizer: Any, directory: Path, groups: l
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(directory / "model.safetensors"),
               metadata={"format": FORMAT})
     manifest = {"format": FORMAT, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                "adapter": adapter.name if adapter is not None else None,
                 "groups": manifest_groups, "tied": tied,
                 "biases": {n: m.bias is not None for n, m in _lowrank_modules(model).items()}}
     (directory / "compression.json").write_text(json.dumps(manifest, indent=2))
@@ -75,9 +81,21 @@ def _model_dir(path: Path) -> Path:
     raise UsageError(f"{path} holds no compressed model (no compression.json); was it run with save_model = false?")
 
 
+def _saved_adapter(manifest: dict[str, Any]) -> Adapter:
+    """The adapter that compressed the model if it is installed; else the generic defaults."""
+    name = manifest.get("adapter")
+    if name:
+        from workbench.plugins import get_registry
+
+        adapter = get_registry().adapters.get(name)
+        if adapter is not None:
+            return adapter
+    return Adapter()  # build_model / replace_module defaults fit any transformers causal LM
+
+
 def load_compressed(path, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild the compressed model with the same structure and weights it was saved with."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     directory = _model_dir(Path(path))
     manifest = json.loads((directory / "compression.json").read_text())
@@ -85,15 +103,15 @@ def load_compressed(path, device: str = "cpu", dtype: torch.dtype | None = None)
         raise UsageError(f"{directory}: unsupported format {manifest.get('format')!r} (expected {FORMAT})")
     saved_dtype = getattr(torch, manifest["dtype"])
     config = AutoConfig.from_pretrained(str(directory))
-    model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype)
+    adapter = _saved_adapter(manifest)
+    model = adapter.build_model(config, saved_dtype)
     state = load_file(str(directory / "model.safetensors"))
     for group in manifest["groups"]:
         basis = nn.Parameter(state.pop(BASIS_PREFIX + group["group"]), requires_grad=False)
         for name in group["modules"]:
-            parent, _, child = name.rpartition(".")
             module = LowRankLinear(group["in"], group["out"], group["rank"], bias=manifest["biases"].get(name, False),
                                    basis=basis, dtype=saved_dtype)
-            setattr(model.get_submodule(parent), child, module)
+            adapter.replace_module(model, name, module)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith(".basis") and m not in manifest["tied"]]
     if missing or unexpected:

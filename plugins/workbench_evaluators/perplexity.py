@@ -9,19 +9,7 @@ import torch
 
 from workbench.errors import UsageError
 from workbench.plugin_api import EvalContext, EvalResult, Evaluator, Option
-
-
-def _logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    # transformers models: skip the KV cache we would throw away; plain modules get ids only.
-    if getattr(model, "config", None) is not None:
-        out = model(input_ids=input_ids, use_cache=False)
-    else:
-        out = model(input_ids)
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
+from workbench_evaluators.forward import logits_of
 
 
 def perplexity(
@@ -67,7 +55,7 @@ def perplexity(
                 if cancel is not None:
                     cancel.check()
                 batch = windows[b * batch_size : (b + 1) * batch_size].to(device)
-                logits = _logits(model, batch)
+                logits = logits_of(model, batch)
                 # One row at a time keeps the float32 copy of the logits to seq_len × vocab.
                 for row in range(batch.shape[0]):
                     logp = torch.log_softmax(logits[row, :-1].float(), dim=-1)
@@ -128,5 +116,12 @@ class PerplexityEvaluator(Evaluator):
             dataset=dataset,
             metric="perplexity",
             value=out["perplexity"],
-            details={k: out[k] for k in ("seq_len", "windows", "tokens", "nll")},
+            details={
+                **{k: out[k] for k in ("seq_len", "windows", "tokens", "nll")},
+                "protocol": (
+                    f"evaluation split's documents joined with blank lines and tokenized once; "
+                    f"{out['windows']} non-overlapping windows of {out['seq_len']} tokens, {out['tokens']:,} "
+                    "predicted tokens; exp of the token-weighted mean NLL"
+                ),
+            },
         )

@@ -1,0 +1,109 @@
+"""The papers' profiles in profiles/paper-*.toml: valid, and right for the architecture they name.
+
+The models cannot be downloaded here, so each profile is checked against a model built on the meta
+device (no memory, no weights) from the published config of its architecture: the adapter that
+claims it, the groups it plans, and that the uniform allocator meets every ratio.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from workbench.allocation import budget_for, total_cost
+from workbench.grouping import plan_groups
+from workbench.plugin_api import GroupSpectrum
+from workbench.plugins import load_registry
+from workbench.profile import load_profile
+
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+
+
+def _llama_7b():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6)
+    return LlamaForCausalLM, config
+
+
+def _llama_3_8b():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                         rope_theta=500000.0, rms_norm_eps=1e-5)
+    return LlamaForCausalLM, config
+
+
+def _mistral_7b():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768,
+                           sliding_window=4096, rms_norm_eps=1e-5)
+    return MistralForCausalLM, config
+
+
+# profile stem -> (architecture, adapter that must claim it, ratio, group size per matrix type)
+PAIRS_MHA = {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 1, "gate_proj": 2, "up_proj": 2, "down_proj": 1}
+PAIRS_MISTRAL = {"q_proj": 2, "k_proj": 1, "v_proj": 1, "o_proj": 1, "gate_proj": 2, "up_proj": 2, "down_proj": 1}
+SINGLE = dict.fromkeys(PAIRS_MHA, 1)
+EXPECTED = {
+    **{f"paper-llama-7b-{p}": (_llama_7b, "llama-mha", p / 100, PAIRS_MHA) for p in (20, 30, 40, 50)},
+    "paper-llama-3-8b-20": (_llama_3_8b, "llama", 0.2, SINGLE),
+    "paper-mistral-7b-20": (_mistral_7b, "mistral", 0.2, PAIRS_MISTRAL),
+}
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_registry(strict=True)
+
+
+def test_every_paper_profile_is_listed_here():
+    assert sorted(p.stem for p in PROFILES.glob("paper-*.toml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("stem", sorted(EXPECTED))
+def test_paper_profile_fits_its_architecture(registry, stem):
+    build, adapter_name, ratio, sizes = EXPECTED[stem]
+    profile = load_profile(PROFILES / f"{stem}.toml", registry)
+    cal = profile.calibration
+    assert (cal.dataset, cal.samples, cal.seq_len) == ("wikitext2", 256, 2048)
+    assert profile.compression.ratio == ratio and profile.compression.allocator == "uniform"
+    assert [(e.evaluator, e.options["dataset"], e.options["seq_len"]) for e in profile.evaluate] == [
+        ("perplexity", "wikitext2", 2048)]
+
+    model_class, config = build()
+    with torch.device("meta"):
+        model = model_class(config)
+    adapter = registry.adapter_for(model)
+    assert adapter.name == adapter_name
+    # the profile spells out the adapter's own defaults, so it and an unset group_size agree
+    assert {t: adapter.default_group_size(model, t) for t in sizes} == sizes
+    plans = plan_groups(model, adapter, profile.compression.targets, profile.compression.ignore,
+                        profile.compression.group_size)
+    assert {p.matrix_type: len(p.layers) for p in plans} == sizes
+    assert len(plans) == sum(32 // n for n in sizes.values())
+
+    # The ratio is reachable: uniform ranks meet it within half a point (flat spectra suffice;
+    # uniform ranks depend only on the shapes).
+    spectra = [GroupSpectrum(p.key, p.matrix_type, p.layers, p.in_features, p.out_features,
+                             torch.ones(min(p.in_features, len(p.layers) * p.out_features), dtype=torch.float64))
+               for p in plans]
+    budget = budget_for(spectra, ratio)
+    ranks = registry.allocators["uniform"].allocate(spectra, budget, {})
+    achieved = 1 - total_cost(spectra, ranks) / sum(s.dense_params for s in spectra)
+    assert abs(achieved - ratio) < 0.005
+
+
+def test_llama_7b_targets_what_the_paper_counts(registry):
+    """LLaMA-7B: 32 layers × (4·4096² + 3·4096·11008) = 6.48e9 targeted parameters."""
+    model_class, config = _llama_7b()
+    with torch.device("meta"):
+        model = model_class(config)
+    plans = plan_groups(model, registry.adapter_for(model), None, [], 1)
+    assert sum(p.in_features * p.out_features for p in plans) == 32 * (4 * 4096**2 + 3 * 4096 * 11008) == 6_476_005_376

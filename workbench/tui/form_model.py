@@ -1,0 +1,170 @@
+"""The profile editor's form, as data: which fields exist, how text becomes TOML values, and the
+checks. No Textual here, so the rules are testable without an app.
+
+Fields come from `workbench.profile.SECTIONS` / `TOP_LEVEL` and from the `options` each allocator
+and evaluator plugin declares, so a third-party plugin's options appear without app changes.
+Values are written into a tomlkit document: comments and layout of the file survive a save.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import tomlkit
+
+from workbench.errors import ProfileError
+from workbench.plugin_api import Option
+from workbench.profile import SECTIONS, TOP_LEVEL, parse_profile
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+Key = tuple  # ("model", "source"), ("evaluate", 0, "seq_len"), ("name",)
+
+
+@dataclass(frozen=True)
+class Field:
+    key: Key
+    option: Option
+    choices: tuple[Any, ...] | None = None  # shown as a select; None: a text input
+
+    @property
+    def dotted(self) -> str:
+        return dotted(self.key)
+
+
+@dataclass(frozen=True)
+class FormSection:
+    title: str
+    fields: tuple[Field, ...]
+
+
+def dotted(key: Key) -> str:
+    """('evaluate', 0, 'seq_len') -> 'evaluate[0].seq_len', the spelling problems use."""
+    text = ""
+    for part in key:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def _field(key: Key, option: Option, choices: tuple | None = None) -> Field:
+    if choices is None and option.choices:
+        choices = tuple(option.choices)
+    if choices is None and option.type is bool:
+        choices = (True, False)
+    return Field(key, option, choices)
+
+
+def _with_current(names: list[str], current: Any) -> tuple:
+    """Choices for a plugin select; an unknown current name stays selectable so the check can name it."""
+    if isinstance(current, str) and current not in names:
+        names = [*names, current]
+    return tuple(names)
+
+
+def build_sections(doc: Any, registry: Any) -> list[FormSection]:
+    """The form for the profile in `doc` (a tomlkit document or plain dict)."""
+    sections = [FormSection("Profile", tuple(_field((o.name,), o) for o in TOP_LEVEL))]
+    for name, options in SECTIONS.items():
+        fields = []
+        for o in options:
+            if o.name == "allocator_options":
+                continue  # its own section below, from the chosen allocator's declaration
+            choices = None
+            if (name, o.name) == ("compression", "allocator"):
+                choices = _with_current(sorted(registry.allocators), get_value(doc, (name, o.name)) or o.default)
+            fields.append(_field((name, o.name), o, choices))
+        sections.append(FormSection(f"[{name}]", tuple(fields)))
+        if name == "compression":
+            allocator = registry.allocators.get(get_value(doc, ("compression", "allocator")) or "uniform")
+            if allocator is not None and allocator.options:
+                key = ("compression", "allocator_options")
+                sections.append(FormSection(f"[compression.allocator_options] ({allocator.name})",
+                                            tuple(_field((*key, o.name), o) for o in allocator.options)))
+    evaluate = get_value(doc, ("evaluate",))
+    for i, entry in enumerate(evaluate if isinstance(evaluate, list) else []):
+        name = entry.get("evaluator") if isinstance(entry, dict) else None
+        picker = Option("evaluator", str, None, "the registered evaluator")
+        fields = [_field(("evaluate", i, "evaluator"), picker, _with_current(sorted(registry.evaluators), name))]
+        evaluator = registry.evaluators.get(name)
+        if evaluator is not None:
+            fields += [_field(("evaluate", i, o.name), o) for o in evaluator.options]
+        sections.append(FormSection(f"[[evaluate]] #{i + 1}", tuple(fields)))
+    return sections
+
+
+# --------------------------------------------------------------------------- values in the document
+
+
+def get_value(doc: Any, key: Key) -> Any:
+    node = doc
+    for part in key:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node.unwrap() if hasattr(node, "unwrap") else node
+
+
+_REMOVE = object()
+
+
+def set_value(doc: Any, key: Key, value: Any) -> None:
+    """Set (or, for REMOVE, delete) `key` in a tomlkit document, creating tables as needed."""
+    node = doc
+    for part in key[:-1]:
+        if isinstance(part, int):
+            node = node[part]
+            continue
+        if part not in node:
+            if value is _REMOVE:
+                return
+            node[part] = tomlkit.table()
+        node = node[part]
+    last = key[-1]
+    if value is _REMOVE:
+        if last in node:
+            del node[last]
+    elif get_value(node, (last,)) != value or type(get_value(node, (last,))) is not type(value):
+        node[last] = value  # only when it changed, so untouched values keep their exact spelling
+
+
+def parse_input(text: str, option: Option) -> Any:
+    """What the user typed, as a TOML value. Empty: REMOVE (the default applies).
+
+    Text that is not a TOML value stays a string, so the profile check reports it in its own words
+    ("expected an integer, got '12x'") rather than the form inventing another message.
+    """
+    if not text.strip():
+        return _REMOVE
+    if option.type is str:
+        return text
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def format_value(value: Any) -> str:
+    """A document value as the text shown in an input."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return tomlkit.item(value).as_string()
+
+
+def problems(text: str, file: str, registry: Any) -> list[str]:
+    """The same messages as `workbench profile validate FILE`, one string each ([] when valid)."""
+    try:
+        parse_profile(text, file, registry)
+    except ProfileError as exc:
+        return [str(p) for p in exc.problems]
+    return []
+
+
+REMOVE = _REMOVE

@@ -1,0 +1,111 @@
+"""What the run screen shows, folded from engine events. No Textual here.
+
+The worker thread only posts events; this state is updated on the app's thread, so it needs no lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workbench.display import format_bytes, format_seconds
+from workbench.events import LOG, PROGRESS, STAGE_END, STAGE_START, WARNING, Event
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class RunJob:
+    """One queued or running compression."""
+
+    profile_path: Path
+    profile_name: str
+    output_dir: Path
+    force: bool = False
+    id: int = field(default_factory=lambda: next(_ids))
+    profile: Any = field(default=None, repr=False, compare=False)  # the loaded Profile that runs
+
+
+@dataclass
+class RunProgress:
+    """The live view of one run."""
+
+    job: RunJob
+    stage: str = "waiting"
+    current: int | None = None
+    total: int | None = None
+    unit: str = ""
+    stage_started: float = field(default_factory=time.monotonic)
+    progress_started: float | None = None  # when the first progress event of this stage came
+    progress_start_count: int = 0
+    memory: int | None = None
+    peak_memory: int = 0
+    memory_history: deque = field(default_factory=lambda: deque(maxlen=120))
+    log: list[str] = field(default_factory=list)
+    finished: str | None = None  # "done", "cancelled" or "failed"
+    outcome: str = ""  # the report's output dir, or the error message
+
+    def apply(self, event: Event, now: float | None = None) -> list[str]:
+        """Fold one event in; return the log lines it adds."""
+        now = time.monotonic() if now is None else now
+        if event.memory_bytes is not None:
+            self.memory = event.memory_bytes
+            self.peak_memory = max(self.peak_memory, event.memory_bytes)
+            self.memory_history.append(event.memory_bytes)
+        lines: list[str] = []
+        if event.kind == STAGE_START:
+            self.stage, self.current, self.total, self.unit = event.stage, None, None, ""
+            self.stage_started, self.progress_started = now, None
+            lines.append(f"▶ {event.stage}" + (f": {event.message}" if event.message else ""))
+        elif event.kind == STAGE_END:
+            lines.append(f"✓ {event.stage} ({event.message})" if event.message else f"✓ {event.stage}")
+        elif event.kind == PROGRESS:
+            if self.progress_started is None or (event.current or 0) < self.progress_start_count:
+                # ETA counts from the first progress report, so loading time before it does not skew it
+                self.progress_started, self.progress_start_count = now, event.current or 0
+            self.current, self.total = event.current, event.total
+            self.unit = (event.data or {}).get("unit", "") or ""
+        elif event.kind == LOG:
+            lines.append(f"  {event.stage}: {event.message}")
+        elif event.kind == WARNING:
+            lines.append(f"⚠ {event.stage}: {event.message}")
+        self.log.extend(lines)
+        return lines
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds left in this stage at the rate seen so far; None until there is a rate."""
+        if self.progress_started is None or not self.total or self.current is None:
+            return None
+        done = self.current - self.progress_start_count
+        if done <= 0:
+            return None
+        elapsed = (time.monotonic() if now is None else now) - self.progress_started
+        return elapsed / done * (self.total - self.current)
+
+    def counter_text(self) -> str:
+        if self.total is None:
+            return ""
+        text = f"{self.current}/{self.total}"
+        return f"{self.unit} {text}" if self.unit else text
+
+    def eta_text(self, now: float | None = None) -> str:
+        eta = self.eta(now)
+        return f"ETA {format_seconds(eta)}" if eta is not None else ""
+
+    def memory_text(self) -> str:
+        if self.memory is None:
+            return "memory n/a"
+        return f"memory {format_bytes(self.memory)} (peak {format_bytes(self.peak_memory)})"
+
+
+def describe_result(report: dict[str, Any]) -> str:
+    """One line for the log when a run ends well."""
+    parts = [f"saved to {report.get('output_dir', '?')}"]
+    for m in report.get("metrics", []):
+        if m.get("dense") is not None and m.get("compressed") is not None:
+            parts.append(f"{m.get('metric') or m.get('evaluator')}: {m['dense']:.4g} → {m['compressed']:.4g}")
+    return "; ".join(parts)
