@@ -217,3 +217,28 @@ def test_headless_path_does_not_import_textual():
     code = "import sys, workbench.display; print('textual' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_summary_shows_every_evaluator_with_its_figures():
+    report = {"metrics": [
+        {"evaluator": "throughput", "dataset": None, "metric": "decode tokens/s", "dense": 100.0, "compressed": 125.0,
+         "details": {"dense": {"figures": {"prefill tokens/s": 2000.0}},
+                     "compressed": {"figures": {"prefill tokens/s": 2400.0}}}},
+        {"evaluator": "memory", "dataset": None, "metric": "parameter bytes", "dense": 2 * GIB, "compressed": 1.5 * GIB,
+         "details": {"dense": {"figures": {"peak RSS bytes (process so far)": 3 * GIB}}, "compressed": None}},
+        {"evaluator": "choice", "dataset": "embedded:wiki-vital", "metric": "accuracy", "dense": 0.54,
+         "compressed": 0.5, "details": {"dense": {"questions": 200}, "compressed": {"questions": 200}}},
+    ]}
+    lines = render(report).splitlines()
+
+    def row(label):
+        hits = [l for l in lines if label in l]
+        assert hits, f"no row with {label!r} in:\n" + "\n".join(lines)
+        return hits[0]
+
+    assert re.search(r"100\.00.*125\.00.*×1\.250", row("throughput decode tokens/s"))
+    assert re.search(r"^\s*│?\s*prefill tokens/s.*2,000.*2,400.*×1\.200", row("prefill tokens/s"))
+    assert re.search(r"2\.0 GiB.*1\.5 GiB.*×0\.750", row("memory parameter bytes"))
+    assert re.search(r"3\.0 GiB.*n/a", row("peak RSS bytes"))  # a figure only one side has
+    assert re.search(r"0\.5400.*0\.5000", row("choice accuracy (embedded:wiki-vital)"))
+    assert "questions" not in "\n".join(lines)  # details that are not figures stay in report.md

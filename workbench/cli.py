@@ -1,4 +1,4 @@
-"""The headless command line: `workbench run`, `workbench profile validate`, `workbench plugins`.
+"""The headless command line: `workbench run`, `workbench inspect`, `workbench profile validate`, `workbench plugins`.
 
 Imports nothing from Textual. Exit codes are `workbench.errors.ExitCode`.
 """
@@ -18,8 +18,7 @@ from rich.table import Table
 from workbench import __version__
 from workbench.errors import ExitCode, Interrupted, ProfileError, WorkbenchError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress LLMs with whitened, low-rank SVD.",
-                  rich_markup_mode=None)
+app = typer.Typer(add_completion=False, help="Compress LLMs with whitened, low-rank SVD.", rich_markup_mode=None)
 profile_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Work with profiles.")
 app.add_typer(profile_app, name="profile")
 
@@ -46,10 +45,34 @@ def _version(value: bool) -> None:
         raise typer.Exit(0)
 
 
-@app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+@app.callback(invoke_without_command=True)
+def _main(ctx: typer.Context,
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Show the version and exit.")) -> None:
-    """Compress LLMs with whitened, low-rank SVD (SVD-LLM, Basis Sharing, D-Rank)."""
+    """Compress LLMs with whitened, low-rank SVD (SVD-LLM, Basis Sharing, D-Rank).
+
+    With no command, opens the interactive app on ./profiles (same as `workbench tui`).
+    """
+    if ctx.invoked_subcommand is None:
+        _open_app(Path("profiles"), None)
+
+
+def _open_app(profiles: Path, runs: Optional[Path]) -> None:
+    # Imported here so the headless commands never load Textual.
+    try:
+        from workbench.tui import main as app_main
+    except ImportError as exc:
+        err.print(f"[bold red]error[/]: the interactive app needs Textual ({exc}); "
+                  "`pip install textual` or use `workbench run PROFILE`")
+        raise typer.Exit(int(ExitCode.USAGE)) from None
+    app_main(profiles, runs)
+
+
+@app.command()
+def tui(profiles: Path = typer.Option(Path("profiles"), "--profiles", help="Folder of profiles to manage."),
+        runs: Optional[Path] = typer.Option(None, "--runs", help="Folder of run outputs (default ./runs).")) -> None:
+    """Open the interactive app: manage profiles, launch runs, watch them live, compare results."""
+    _open_app(profiles, runs)
 
 
 class _Interrupts:
@@ -111,6 +134,35 @@ def run(
         if debug and exc.__cause__ is not None:
             err.print_exception()
         raise _fail(exc) from None
+
+
+@app.command()
+def inspect(
+    profile_path: Path = typer.Argument(..., metavar="PROFILE", help="The profile (TOML) whose model and calibration to use."),
+    allocators: Optional[str] = typer.Option(None, "--allocators", help="Comma-separated allocators (default: all installed)."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="Ratio to allocate for (default: the profile's)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the rank map as a PNG (needs matplotlib)."),
+) -> None:
+    """Per layer and matrix type: effective rank and the ranks each allocator would give, without compressing."""
+    from workbench.plugins import get_registry
+    from workbench.profile import load_profile
+    from workbench.rank_map import plot_png, rank_map, render_table
+
+    try:
+        registry = get_registry()
+        profile = load_profile(profile_path, registry)
+        names = [n.strip() for n in allocators.split(",") if n.strip()] if allocators else None
+        data = rank_map(profile, registry, names, ratio)
+    except WorkbenchError as exc:
+        raise _fail(exc) from None
+    typer.echo(json.dumps(data, indent=2) if as_json else render_table(data))
+    if plot is not None:
+        try:
+            plot_png(data, plot)
+        except ImportError as exc:
+            err.print(f"[bold red]error[/]: {exc}", markup=True)
+            raise typer.Exit(int(ExitCode.USAGE)) from None
 
 
 @profile_app.command("validate")

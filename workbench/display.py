@@ -282,9 +282,11 @@ def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _fmt_value(v: float | None) -> str:
+def _fmt_value(v: float | None, name: str = "") -> str:
     if v is None:
         return "n/a"
+    if "bytes" in name:  # memory figures: 1.2 GiB rather than 1,288,490,188
+        return format_bytes(v)
     if abs(v) >= 1000:
         return f"{v:,.0f}"
     if abs(v) >= 1:
@@ -313,18 +315,32 @@ def _params_rows(table: Table, params: Mapping[str, Any]) -> None:
         table.add_row(label, format_count(dense), format_count(comp), change)
 
 
+def _figures(metric: Mapping[str, Any], label: str) -> Mapping[str, Any]:
+    details = metric.get("details")
+    side = details.get(label) if isinstance(details, Mapping) else None
+    figures = side.get("figures") if isinstance(side, Mapping) else None
+    return figures if isinstance(figures, Mapping) else {}
+
+
 def _metric_rows(table: Table, metrics: list[Mapping[str, Any]]) -> None:
+    """One row per evaluator's headline value, then one indented row per figure it lists."""
     for m in metrics:
-        name = m.get("metric") or m.get("evaluator") or "?"
+        metric = m.get("metric") or ""
+        name = metric or m.get("evaluator") or "?"
         if m.get("evaluator") and m.get("evaluator") != name:
             name = f"{m['evaluator']} {name}"
         if m.get("dataset"):
             name += f" ({m['dataset']})"
         dense, comp = _num(m.get("dense")), _num(m.get("compressed"))
         if comp is None and m.get("error"):
-            table.add_row(name, _fmt_value(dense), Text("failed", style="red"), Text(str(m["error"])[:60], style="red"))
+            table.add_row(name, _fmt_value(dense, metric), Text("failed", style="red"),
+                          Text(str(m["error"])[:60], style="red"))
         else:
-            table.add_row(name, _fmt_value(dense), _fmt_value(comp), _change(dense, comp))
+            table.add_row(name, _fmt_value(dense, metric), _fmt_value(comp, metric), _change(dense, comp))
+        dense_figures, comp_figures = _figures(m, "dense"), _figures(m, "compressed")
+        for figure in dict.fromkeys([*dense_figures, *comp_figures]):
+            d, c = _num(dense_figures.get(figure)), _num(comp_figures.get(figure))
+            table.add_row(f"  {figure}", _fmt_value(d, figure), _fmt_value(c, figure), _change(d, c))
 
 
 def summary_table(report: Mapping[str, Any]) -> Table:

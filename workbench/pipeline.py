@@ -26,6 +26,7 @@ from workbench.outputs import StagedOutput, check_target
 from workbench.plugin_api import EvalContext
 from workbench.report_md import render_report_md
 from workbench.resources import count_parameters, current_memory, peak_memory
+from workbench.sensitivity import attach_signals, signal_window_count
 
 
 class _Timer:
@@ -129,6 +130,13 @@ def run(profile, *, output_dir: str | Path | None = None, force: bool = False, e
                                whitening=profile.compression.whitening)
     cancel.check()
 
+    if allocator.needs:
+        with timer.stage("sensitivity", events, ", ".join(allocator.needs)):
+            signal_windows = signal_window_count(profile.compression.allocator_options, windows.shape[0])
+            attach_signals(allocator.needs, calibrated.spectra, model, adapter, plans, calibrated.factors,
+                           windows[:signal_windows], loaded.device, events, cancel)
+        cancel.check()
+
     with timer.stage("allocate", events, profile.compression.allocator):
         budget = budget_for(calibrated.spectra, profile.compression.ratio)
         ranks = allocate(allocator, registry.describe("allocator", allocator.name), calibrated.spectra, budget,
@@ -161,7 +169,8 @@ def run(profile, *, output_dir: str | Path | None = None, force: bool = False, e
             compressed_results = _evaluate_all(profile, registry, model, tokenizer, loaded, "compressed", events,
                                                cancel, None)
         timings = {name: round(t, 3) for name, t in timer.timings.items()}
-        timings["compress_s"] = round(sum(timer.timings.get(s, 0.0) for s in ("calibrate", "allocate", "assemble")), 3)
+        timings["compress_s"] = round(sum(timer.timings.get(s, 0.0)
+                                          for s in ("calibrate", "sensitivity", "allocate", "assemble")), 3)
         timings["total_s"] = round(time.perf_counter() - started, 3)
         report = {
             "workbench_version": __version__,
@@ -173,7 +182,8 @@ def run(profile, *, output_dir: str | Path | None = None, force: bool = False, e
                       "dtype": profile.model.dtype},
             "calibration": {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
                             "tokens": int(windows.numel())},
-            "allocator": {"name": allocator.name, "options": profile.compression.allocator_options},
+            "allocator": {"name": allocator.name, "options": profile.compression.allocator_options,
+                          "notes": ranks.notes},
             "params": params,
             "ranks": [{k: v for k, v in row.items() if k != "modules"} for row in table],
             "whitening": calibrated.whitening,

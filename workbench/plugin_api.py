@@ -168,13 +168,38 @@ class GroupSpectrum:
         return float((self.singular_values.double()[k:] ** 2).sum())
 
 
+class Allocation(dict):
+    """An allocator's answer with notes: {group.key: rank} plus `notes` for report.json.
+
+    A plain dict of ranks is a complete answer; return an Allocation when the run's report should
+    also say something about how the ranks came about (e.g. which matrix types fell back).
+    `notes` must be JSON-serialisable.
+    """
+
+    def __init__(self, ranks: Mapping[str, int] = (), notes: Mapping[str, Any] | None = None) -> None:
+        super().__init__(ranks)
+        self.notes: dict[str, Any] = dict(notes or {})
+
+
+#: Extra signals an allocator may ask for in `Allocator.needs`, computed by the engine after
+#: calibration and handed over in `GroupSpectrum.sensitivity[name]`.
+SIGNALS = {
+    "fisher": "per component i of the group (the first `max_rank`): ½·mean over calibration windows of "
+              "(σ_i·u_iᵀ ∂L/∂A v_i)², the model loss's second-order estimate for dropping it",
+}
+
+
 class Allocator(Plugin):
     """Turns spectra and a parameter budget into integer ranks, one per group.
 
     `budget` is the number of parameters the targeted layers may keep. A group whose rank is
     `group.max_rank` or more is kept dense and costs `group.dense_params`; otherwise it costs
-    `rank * group.omega`. Return {group.key: rank}. The engine checks the answer.
+    `rank * group.omega`. Return {group.key: rank} (or an `Allocation`, which adds notes). The
+    engine checks the answer.
     """
+
+    #: Names from `SIGNALS` this allocator needs; each costs extra time after calibration.
+    needs: tuple[str, ...] = ()
 
     def allocate(self, groups: Sequence[GroupSpectrum], budget: int, options: Mapping[str, Any]) -> dict[str, int]:
         raise NotImplementedError

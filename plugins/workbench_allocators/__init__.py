@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from workbench.hookspecs import hookimpl
 
+from workbench_allocators.drank import DRankAllocator, DRankRebalancedAllocator
+from workbench_allocators.loss_aware import LossAwareAllocator
+from workbench_allocators.protect_first import ProtectFirstAllocator
 from workbench_allocators.uniform import UniformAllocator
 
 
 @hookimpl
 def register_allocators(register):
     register(UniformAllocator())
+    register(DRankAllocator())
+    register(DRankRebalancedAllocator())
+    register(ProtectFirstAllocator())
+    register(LossAwareAllocator())

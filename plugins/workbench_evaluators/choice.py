@@ -66,13 +66,15 @@ def continuation_logprobs(
 ) -> list[float]:
     """Σ log p(continuation | context) for each (context ids, continuation ids) request.
 
-    Rows of a batch are padded on the right: a causal model's logits at real positions never see
-    the padding, so no attention mask is needed and the batch size does not change the result.
+    Requests are batched in order of length, so little of a batch is padding. Rows are padded on
+    the right: a causal model's logits at real positions never see the padding, so no attention
+    mask is needed and neither the batch size nor the order changes the result.
     """
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     n_batches = math.ceil(len(requests) / batch_size)
-    scores: list[float] = []
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]) + len(requests[i][1]))
+    scores = [0.0] * len(requests)
     was_training = model.training
     model.eval()
     try:
@@ -80,7 +82,8 @@ def continuation_logprobs(
             for b in range(n_batches):
                 if cancel is not None:
                     cancel.check()
-                chunk = requests[b * batch_size : (b + 1) * batch_size]
+                picked = order[b * batch_size : (b + 1) * batch_size]
+                chunk = [requests[i] for i in picked]
                 width = max(len(c) + len(x) for c, x in chunk)
                 ids = torch.zeros(len(chunk), width, dtype=torch.long)
                 for row, (context, continuation) in enumerate(chunk):
@@ -91,7 +94,7 @@ def continuation_logprobs(
                     start, end = len(context) - 1, len(context) + len(continuation) - 1
                     logp = torch.log_softmax(logits[row, start:end].float(), dim=-1)
                     target = torch.tensor(continuation, device=logp.device).unsqueeze(-1)
-                    scores.append(float(logp.gather(-1, target).double().sum()))
+                    scores[picked[row]] = float(logp.gather(-1, target).double().sum())
                 del logits
                 if on_batch is not None:
                     on_batch(b + 1, n_batches)

@@ -29,6 +29,7 @@ def _default_pipeline(*args: Any, **kwargs: Any) -> dict:
 class WorkbenchApp(App):
     TITLE = "workbench"
     CSS_PATH = "app.tcss"
+    ENABLE_COMMAND_PALETTE = False  # its footer entry would push the app's own keys off an 80-column footer
     MODES = {"profiles": ProfilesScreen, "run": RunScreen, "results": ResultsScreen}
     BINDINGS = [
         Binding("1", "show('profiles')", "Profiles"),

@@ -21,7 +21,7 @@ class CompareScreen(Screen):
         yield Header()
         yield Static(f"Comparing {len(self.runs)} runs", classes="title")
         yield DataTable(id="compare", cursor_type="row", zebra_stripes=True)
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = "Compare"

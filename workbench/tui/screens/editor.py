@@ -41,7 +41,7 @@ class EditorScreen(Screen):
         self.doc = tomlkit.parse(self.path.read_text(encoding="utf-8-sig"))
         self.fields: dict[str, Field] = {}
         self.dirty = False
-        self._raw_error: str | None = None
+        self._from_raw = False  # the raw view was shown, so going back to the form must re-read it
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -52,7 +52,7 @@ class EditorScreen(Screen):
                 yield TextArea(id="raw", show_line_numbers=True)
         yield Static("", id="field-help", classes="hint")
         yield Static("", id="problems")
-        yield Footer()
+        yield Footer(compact=True)
 
     async def on_mount(self) -> None:
         self.sub_title = f"Edit {self.path}"
@@ -68,7 +68,7 @@ class EditorScreen(Screen):
         self.fields = {}
         rows = []
         for section in build_sections(self.doc, self.app.registry):
-            rows.append(Label(section.title, classes="section"))
+            rows.append(Label(section.title, classes="section", markup=False))  # "[model]" is not markup
             for field in section.fields:
                 self.fields[widget_id(field)] = field
                 rows.append(Horizontal(Label(field.key[-1], classes="field-label"), self._input(field), classes="row"))
@@ -83,10 +83,10 @@ class EditorScreen(Screen):
             default = field.option.default
             return Select(options, value=value if value in field.choices else Select.NULL, allow_blank=True,
                           prompt=f"default ({format_value(default)})" if default is not None else "(unset)",
-                          id=widget_id(field), classes="field")
+                          compact=True, id=widget_id(field), classes="field")
         default = field.option.default
         placeholder = f"default: {format_value(default)}" if default not in (None, "", [], {}) else field.option.help
-        return Input(format_value(value), placeholder=placeholder[:60], id=widget_id(field), classes="field")
+        return Input(format_value(value), placeholder=placeholder[:60], compact=True, id=widget_id(field), classes="field")
 
     async def _changed(self, widget_id_: str | None, value: Any) -> None:
         field = self.fields.get(widget_id_ or "")
@@ -141,7 +141,11 @@ class EditorScreen(Screen):
         raw = self.query_one("#raw", TextArea)
         if event.pane.id == "toml-tab":
             raw.load_text(tomlkit.dumps(self.doc))
+            self._from_raw = True
             return
+        if not self._from_raw:
+            return  # the first activation, at mount: the form already shows the document
+        self._from_raw = False
         try:  # back to the form: the raw text becomes the document
             self.doc = tomlkit.parse(raw.text)
         except tomlkit.exceptions.ParseError as exc:

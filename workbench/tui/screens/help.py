@@ -24,7 +24,7 @@ Compress a model in three steps: **pick a profile**, **run it**, **compare the r
 |---|---|
 | `r` | run the selected profile (asks before replacing an existing output) |
 | `e` / `enter` | edit it: a form checked as you type, `ctrl+t` for the raw TOML, `ctrl+s` saves |
-| `n` `c` `m` `x` | new, copy, rename (move), delete |
+| `n` `c` `m` `x` | new, duplicate (copy), rename (move), delete |
 
 | key | run |
 |---|---|
@@ -34,7 +34,7 @@ Compress a model in three steps: **pick a profile**, **run it**, **compare the r
 | key | results |
 |---|---|
 | `space` | mark a run; `c` compares the marked runs (two or more) side by side |
-| `enter` | the run's ranks per layer, effective ranks and report |
+| `d` / `enter` | the run's ranks per layer, effective ranks and report |
 
 Runs go on while you switch screens; one runs at a time, the others wait in the queue.
 The app runs the same pipeline as `workbench run` and writes the same `report.json`.

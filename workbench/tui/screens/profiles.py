@@ -29,9 +29,9 @@ class ProfilesScreen(Screen):
         Binding("r", "run", "Run"),
         Binding("e,enter", "edit", "Edit", key_display="e"),
         Binding("n", "new", "New"),
-        Binding("c", "copy", "Copy"),
+        Binding("c", "copy", "Dup"),
         Binding("m", "rename", "Rename"),
-        Binding("x,delete", "delete", "Delete", key_display="x"),
+        Binding("x,delete", "delete", "Del", key_display="x"),
     ]
 
     def __init__(self) -> None:
@@ -43,7 +43,7 @@ class ProfilesScreen(Screen):
         yield Static("", id="profiles-title", classes="title")
         yield DataTable(id="profiles", cursor_type="row", zebra_stripes=True)
         yield Static("", id="profile-detail", classes="detail")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = "Profiles"

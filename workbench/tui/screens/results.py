@@ -16,7 +16,7 @@ class ResultsScreen(Screen):
     BINDINGS = [
         Binding("space", "mark", "Mark"),
         Binding("c", "compare", "Compare"),
-        Binding("enter", "details", "Details"),
+        Binding("d", "details", "Details"),  # enter works too (the table's own key)
         Binding("g", "reload", "Reload"),
     ]
 
@@ -29,7 +29,7 @@ class ResultsScreen(Screen):
         yield Header()
         yield Static("", id="results-title", classes="title")
         yield DataTable(id="runs", cursor_type="row", zebra_stripes=True)
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = "Results"

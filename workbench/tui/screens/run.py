@@ -39,7 +39,7 @@ class RunScreen(Screen):
             yield Sparkline([], id="run-memory-chart")
         yield Static("", id="run-queue")
         yield RichLog(id="run-log", wrap=True, markup=False, max_lines=2000)
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = "Run"

@@ -29,7 +29,7 @@ class RunDetailScreen(Screen):
             with TabPane("Report", id="report-tab"):
                 with VerticalScroll():
                     yield Markdown(self._report_text())
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = f"Run {self.run.path.name}"

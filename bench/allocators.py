@@ -1,0 +1,149 @@
+"""Every allocator at several ratios from ONE calibration of the embedded model: held-out perplexity.
+
+Calibrates once (32 × 512 tokens of the wiki calibration split, as the quickstart), computes the
+Fisher signal once, then for each (allocator, ratio) copies the dense model, swaps in the low-rank
+modules and measures perplexity on the first 16 × 512-token windows of the evaluation split. A
+plain-SVD baseline (no whitening, uniform ranks) gives the scale. Writes JSON and a Markdown table.
+
+    .venv/bin/python bench/allocators.py [--ratios 0.2 0.4] [--out bench/results] [--second-corpus FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CONFIGS = [
+    ("uniform", "uniform", {}),
+    ("drank", "drank", {"fallback": "none"}),
+    ("drank fallback=loss", "drank", {"fallback": "loss"}),
+    *[(f"drank-rebalanced β={b}", "drank-rebalanced", {"beta": b, "fallback": "none"}) for b in (0.1, 0.2, 0.3, 0.4, 0.5)],
+    ("protect-first", "protect-first", {"layers": 1}),
+    ("loss-aware (group)", "loss-aware", {"signal": "group", "fisher_windows": 8}),
+    ("loss-aware (component)", "loss-aware", {"signal": "component", "fisher_windows": 8}),
+]
+
+
+def plain_svd(model, adapter, plans, ranks) -> None:
+    """Replace each targeted weight by its best rank-k approximation without whitening (in place)."""
+    layers = adapter.decoder_layers(model)
+    for plan in plans:
+        k = ranks[plan.key]
+        for i in plan.layers:
+            w = layers[i].get_submodule(plan.site.path).weight
+            u, s, vt = torch.linalg.svd(w.detach().double(), full_matrices=False)
+            w.data.copy_(((u[:, :k] * s[:k]) @ vt[:k]).to(w.dtype))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--configs", nargs="*", default=None, help="labels to run (default: all)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--second-corpus", default=None, help="a .txt/.jsonl evaluated too (its evaluation split)")
+    parser.add_argument("--second-configs", nargs="*", default=["uniform", "drank", "protect-first", "loss-aware (group)"])
+    args = parser.parse_args()
+
+    from workbench.allocation import budget_for, total_cost
+    from workbench.data import calibration_windows, evaluation_tokens
+    from workbench.engine import allocate, assemble, calibrate
+    from workbench.events import CancelToken, EventBus
+    from workbench.grouping import plan_groups
+    from workbench.models import load_model
+    from workbench.plugins import load_registry
+    from workbench.sensitivity import attach_signals
+    from workbench_evaluators.perplexity import perplexity
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    registry = load_registry()
+    loaded = load_model("embedded:smollm2-135m", "float32", "cpu")
+    dense_model, tok = loaded.model, loaded.tokenizer
+    adapter = registry.adapter_for(dense_model)
+    plans = plan_groups(dense_model, adapter, None, [], 1)
+    eval_ids = {"wiki": evaluation_tokens(tok, "embedded:wiki-vital")}
+    if args.second_corpus:
+        eval_ids["second"] = evaluation_tokens(tok, args.second_corpus)
+
+    def ppl(model, corpus="wiki"):
+        with torch.inference_mode():
+            return perplexity(model, eval_ids[corpus], 512, max_windows=16, device="cpu")["perplexity"]
+
+    t0 = time.perf_counter()
+    windows = calibration_windows(tok, "embedded:wiki-vital", 32, 512, 0)
+    cal = calibrate(dense_model, adapter, plans, windows, torch.device("cpu"), EventBus(), CancelToken())
+    t_cal = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    attach_signals(("fisher",), cal.spectra, dense_model, adapter, plans, cal.factors, windows[:8],
+                   torch.device("cpu"), EventBus(), CancelToken())
+    t_fisher = time.perf_counter() - t0
+    results = {"date": date.today().isoformat(),
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+               "calibration": "embedded:wiki-vital calibration split, 32 × 512, seed 0",
+               "evaluation": "embedded:wiki-vital evaluation split, first 16 × 512 windows",
+               "calibrate_s": round(t_cal, 1), "fisher_s_8_windows": round(t_fisher, 1),
+               "dense": {c: ppl(dense_model, c) for c in eval_ids}, "runs": [], "ranks_at_0.4": {}}
+    dense_params = sum(s.dense_params for s in cal.spectra)
+    wanted = [c for c in CONFIGS if args.configs is None or c[0] in args.configs]
+    path = out / "allocators.json"
+    for ratio in args.ratios:
+        budget = budget_for(cal.spectra, ratio)
+        for label, name, options in [("plain SVD (no whitening), uniform", "uniform", {}), *wanted]:
+            if label.startswith("plain") and args.configs is not None and label not in args.configs:
+                continue
+            start = time.perf_counter()
+            ranks = allocate(registry.allocators[name], name, cal.spectra, budget, options)
+            model = copy.deepcopy(dense_model)
+            if label.startswith("plain"):
+                plain_svd(model, adapter, plans, ranks)
+            else:
+                assemble(model, adapter, plans, dict(cal.factors), ranks, cal.spectra)
+            row = {"label": label, "allocator": name, "options": options, "ratio": ratio,
+                   "ratio_targeted": round(1 - total_cost(cal.spectra, ranks) / dense_params, 4),
+                   "perplexity": {"wiki": ppl(model)}, "notes": ranks.notes}
+            if "second" in eval_ids and label in args.second_configs:
+                row["perplexity"]["second"] = ppl(model, "second")
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            results["runs"].append(row)
+            if abs(ratio - 0.4) < 1e-9 and not label.startswith("plain"):
+                results["ranks_at_0.4"][label] = {s.key: ranks[s.key] for s in cal.spectra}
+            del model
+            print(f"{ratio:.1f} {label:<36} {row['perplexity']}", flush=True)
+            path.write_text(json.dumps(results, indent=2, default=str))
+    results["max_rank"] = {s.key: s.max_rank for s in cal.spectra}
+    results["effective_rank"] = {s.key: s.effective_rank for s in cal.spectra}
+    path.write_text(json.dumps(results, indent=2, default=str))
+    (out / "allocators.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def markdown(results) -> str:
+    ratios = sorted({r["ratio"] for r in results["runs"]})
+    labels = list(dict.fromkeys(r["label"] for r in results["runs"]))
+    cell = {(r["label"], r["ratio"]): r["perplexity"]["wiki"] for r in results["runs"]}
+    lines = [f"dense: {results['dense']['wiki']:.2f}", "",
+             "| allocator | " + " | ".join(f"{x:.0%}" for x in ratios) + " |",
+             "|---|" + "---|" * len(ratios)]
+    for label in labels:
+        lines.append(f"| {label} | " + " | ".join(f"{cell[(label, x)]:.1f}" if (label, x) in cell else "—"
+                                                  for x in ratios) + " |")
+    second = [r for r in results["runs"] if "second" in r["perplexity"]]
+    if second:
+        lines += ["", f"second corpus (dense {results['dense']['second']:.2f}):", "",
+                  "| allocator | ratio | perplexity |", "|---|---|---|"]
+        lines += [f"| {r['label']} | {r['ratio']:.0%} | {r['perplexity']['second']:.1f} |" for r in second]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

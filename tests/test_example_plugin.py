@@ -1,0 +1,60 @@
+"""The example third-party allocator (plugins/examples/depth-ramp): built, installed, used from a profile."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_profile
+from workbench.cli import app
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "plugins" / "examples" / "depth-ramp"
+
+
+@pytest.fixture
+def installed_example(tmp_path, monkeypatch):
+    """Build the example's wheel with hatchling (offline) and pip-install it into a folder on sys.path."""
+    from hatchling.builders.wheel import WheelBuilder
+
+    [wheel] = list(WheelBuilder(str(EXAMPLE)).build(directory=str(tmp_path / "dist")))
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                    "--target", str(site), wheel], check=True)
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    import workbench.plugins as plugins
+
+    monkeypatch.setattr(plugins, "_cached", None)
+    yield site
+    monkeypatch.delitem(sys.modules, "workbench_depth_ramp", raising=False)
+
+
+def test_example_plugin_installs_and_runs_from_a_profile(installed_example, tiny_workspace, tmp_path):
+    from workbench.plugins import load_registry
+
+    registry = load_registry(strict=True)
+    assert registry.describe("allocator", "depth-ramp") == "allocator 'depth-ramp' from workbench-depth-ramp 0.1.0"
+
+    out = tmp_path / "out"
+    text = tiny_profile(tiny_workspace, out, ratio=0.3).replace(
+        "group_size = 1\n", 'group_size = 1\nallocator = "depth-ramp"\n[compression.allocator_options]\nslope = 0.6\n')
+    profile = tmp_path / "p.toml"
+    profile.write_text(text)
+    result = CliRunner().invoke(app, ["run", str(profile), "--log-format", "plain"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["allocator"] == {"name": "depth-ramp", "options": {"slope": 0.6}, "notes": {"slope": 0.6}}
+    assert abs(report["params"]["ratio_targeted"] - 0.3) < 0.005
+    q = {row["layers"][0]: row["rank"] for row in report["ranks"] if row["type"] == "q_proj"}
+    assert q[0] > q[3]  # the ramp favours early layers
+
+    # a wrong option type is refused before any work, naming the key
+    profile.write_text(text.replace("slope = 0.6", 'slope = "steep"'))
+    result = CliRunner().invoke(app, ["run", str(profile)])
+    assert result.exit_code == 2 and "compression.allocator_options.slope" in result.output
