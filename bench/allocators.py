@@ -51,7 +51,9 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", default=None, help="labels to run (default: all)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--second-corpus", default=None, help="a .txt/.jsonl evaluated too (its evaluation split)")
-    parser.add_argument("--second-configs", nargs="*", default=["uniform", "drank", "protect-first", "loss-aware (group)"])
+    parser.add_argument("--second-configs", nargs="*",
+                        default=["uniform", "drank", "protect-first", "loss-aware (group)", "loss-aware (component)"])
+    parser.add_argument("--reuse", default=None, help="an earlier allocators.json: its rows are kept, not rerun")
     args = parser.parse_args()
 
     from workbench.allocation import budget_for, total_cost
@@ -96,10 +98,17 @@ def main() -> None:
     dense_params = sum(s.dense_params for s in cal.spectra)
     wanted = [c for c in CONFIGS if args.configs is None or c[0] in args.configs]
     path = out / "allocators.json"
+    earlier = json.loads(Path(args.reuse).read_text()) if args.reuse else {"runs": [], "ranks_at_0.4": {}}
+    results["ranks_at_0.4"].update(earlier.get("ranks_at_0.4", {}))
     for ratio in args.ratios:
         budget = budget_for(cal.spectra, ratio)
         for label, name, options in [("plain SVD (no whitening), uniform", "uniform", {}), *wanted]:
             if label.startswith("plain") and args.configs is not None and label not in args.configs:
+                continue
+            old = [r for r in earlier["runs"] if r["label"] == label and abs(r["ratio"] - ratio) < 1e-9
+                   and ("second" not in eval_ids or label not in args.second_configs or "second" in r["perplexity"])]
+            if old:
+                results["runs"].append(old[0])
                 continue
             start = time.perf_counter()
             ranks = allocate(registry.allocators[name], name, cal.spectra, budget, options)
@@ -124,7 +133,24 @@ def main() -> None:
     results["effective_rank"] = {s.key: s.effective_rank for s in cal.spectra}
     path.write_text(json.dumps(results, indent=2, default=str))
     (out / "allocators.md").write_text(markdown(results))
+    if results["ranks_at_0.4"]:
+        plot_rank_map(results, out / "rank_map_0.4.png")
     print(markdown(results))
+
+
+def plot_rank_map(results, path) -> None:
+    """The rank map of every allocator at 0.4, drawn like `workbench inspect --plot`."""
+    from workbench.rank_map import plot_png
+
+    labels = [label for label in results["ranks_at_0.4"] if "β=0.1" not in label and "β=0.2" not in label
+              and "β=0.4" not in label and "β=0.5" not in label]
+    rows = []
+    for key, max_rank in results["max_rank"].items():
+        mtype, _, layer = key.partition("@")
+        rows.append({"group": key, "type": mtype, "layers": [int(layer.split("-")[0])], "max_rank": max_rank,
+                     "effective_rank": results["effective_rank"][key],
+                     "ranks": {label: results["ranks_at_0.4"][label][key] for label in labels}})
+    plot_png({"model": "embedded:smollm2-135m", "ratio": 0.4, "allocators": labels, "rows": rows}, path)
 
 
 def markdown(results) -> str:

@@ -229,7 +229,7 @@ def test_water_fill_sees_past_a_small_component():
 def test_loss_aware_refuses_without_its_signal(registry):
     g = _spectrum("a", "t", 0, 8, 8, [1.0] * 8)
     with pytest.raises(ValueError, match="fisher"):
-        registry.allocators["loss-aware"].allocate([g], 32, {"signal": "group"})
+        registry.allocators["loss-aware"].allocate([g], 32, {})
 
 
 def test_loss_aware_runs_from_a_profile_with_its_signal_stage(tiny_workspace, tmp_path):
@@ -250,5 +250,27 @@ def test_loss_aware_runs_from_a_profile_with_its_signal_stage(tiny_workspace, tm
     assert [e["current"] for e in progress if e["stage"] == "sensitivity" and e["kind"] == "progress"] == [1, 2, 3]
     report = json.loads((out / "report.json").read_text())
     assert "sensitivity" in report["timings"]
-    assert report["allocator"]["notes"]["signal"] == "group"
+    assert report["allocator"]["notes"]["signal"] == "component"
     assert abs(report["params"]["ratio_targeted"] - 0.4) < 0.005
+
+
+@pytest.mark.embedded
+def test_builtins_meet_the_budget_on_the_embedded_model():
+    from workbench.data import calibration_windows
+    from workbench.models import load_model
+
+    registry = load_registry(strict=True)
+    loaded = load_model("embedded:smollm2-135m", "float32", "cpu")
+    adapter = registry.adapter_for(loaded.model)
+    plans = plan_groups(loaded.model, adapter, None, [], 1)
+    windows = calibration_windows(loaded.tokenizer, "embedded:wiki-vital", 4, 128, 0)
+    cal = calibrate(loaded.model, adapter, plans, windows, CPU, EventBus(), CancelToken())
+    attach_signals(("fisher",), cal.spectra, loaded.model, adapter, plans, cal.factors, windows[:2], CPU,
+                   EventBus(), CancelToken())
+    dense = sum(s.dense_params for s in cal.spectra)
+    for ratio in (0.2, 0.4):
+        budget = budget_for(cal.spectra, ratio)
+        for name in BUILTINS:
+            allocator = registry.allocators[name]
+            ranks = allocate(allocator, name, cal.spectra, budget, {o.name: o.default for o in allocator.options})
+            assert abs(1 - total_cost(cal.spectra, ranks) / dense - ratio) < 0.005, name
