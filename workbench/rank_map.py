@@ -86,8 +86,13 @@ def plot_png(data: dict[str, Any], path) -> None:
     except ImportError as exc:
         raise ImportError("--plot needs matplotlib: pip install 'workbench[plot]'") from exc
     types = list(dict.fromkeys(r["type"] for r in data["rows"]))
-    fig, axes = plt.subplots(1, len(types), figsize=(3.2 * len(types), 3.4), sharey=True, squeeze=False)
-    for ax, mtype in zip(axes[0], types):
+    cols = min(4, len(types))
+    rows_n = -(-len(types) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.6 * cols, 3.0 * rows_n), sharey=True, squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[len(types):]:
+        ax.axis("off")
+    for ax, mtype in zip(flat, types):
         rows = sorted((r for r in data["rows"] if r["type"] == mtype), key=lambda r: r["layers"][0])
         x = [sum(r["layers"]) / len(r["layers"]) for r in rows]
         for name in data["allocators"]:
@@ -98,8 +103,10 @@ def plot_png(data: dict[str, Any], path) -> None:
         ax.set_title(mtype, fontsize=9)
         ax.set_xlabel("layer", fontsize=8)
         ax.tick_params(labelsize=7)
-    axes[0][0].set_ylabel("rank / break-even rank", fontsize=8)
-    axes[0][0].legend(fontsize=6, loc="lower left")
+    for row in axes:
+        row[0].set_ylabel("rank / break-even rank", fontsize=8)
+    handles, labels = flat[0].get_legend_handles_labels()
+    (flat[-1] if len(flat) > len(types) else flat[0]).legend(handles, labels, fontsize=7, loc="center")
     fig.suptitle(f"{data['model']} at ratio {data['ratio']} (dashed grey: effective rank, right axis)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
