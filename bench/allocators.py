@@ -6,6 +6,8 @@ modules and measures perplexity on the first 16 × 512-token windows of the eval
 plain-SVD baseline (no whitening, uniform ranks) gives the scale. Writes JSON and a Markdown table.
 
     .venv/bin/python bench/allocators.py [--ratios 0.2 0.4] [--out bench/results] [--second-corpus FILE]
+    .venv/bin/python bench/allocators.py --model embedded:smollm2-135m-mha --group-size default \
+        --ratios 0.2 --configs uniform drank --out bench/results/mha-pairs
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5])
     parser.add_argument("--configs", nargs="*", default=None, help="labels to run (default: all)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--model", default="embedded:smollm2-135m")
+    parser.add_argument("--group-size", default="1",
+                        help="layers per shared basis, or 'default' for the adapter's (e.g. pairs on MHA)")
     parser.add_argument("--second-corpus", default=None, help="a .txt/.jsonl evaluated too (its evaluation split)")
     parser.add_argument("--second-configs", nargs="*",
                         default=["uniform", "drank", "protect-first", "loss-aware (group)", "loss-aware (component)"])
@@ -69,10 +74,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     registry = load_registry()
-    loaded = load_model("embedded:smollm2-135m", "float32", "cpu")
+    loaded = load_model(args.model, "float32", "cpu")
     dense_model, tok = loaded.model, loaded.tokenizer
     adapter = registry.adapter_for(dense_model)
-    plans = plan_groups(dense_model, adapter, None, [], 1)
+    group_size = None if args.group_size == "default" else int(args.group_size)
+    plans = plan_groups(dense_model, adapter, None, [], group_size)
     eval_ids = {"wiki": evaluation_tokens(tok, "embedded:wiki-vital")}
     if args.second_corpus:
         eval_ids["second"] = evaluation_tokens(tok, args.second_corpus)
@@ -89,7 +95,8 @@ def main() -> None:
     attach_signals(("fisher",), cal.spectra, dense_model, adapter, plans, cal.factors, windows[:8],
                    torch.device("cpu"), EventBus(), CancelToken())
     t_fisher = time.perf_counter() - t0
-    results = {"date": date.today().isoformat(),
+    results = {"date": date.today().isoformat(), "model": args.model, "adapter": adapter.name,
+               "group_sizes": {p.matrix_type: len(p.layers) for p in plans if p.layers[0] == 0},
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
                "calibration": "embedded:wiki-vital calibration split, 32 × 512, seed 0",
                "evaluation": "embedded:wiki-vital evaluation split, first 16 × 512 windows",
@@ -150,7 +157,7 @@ def plot_rank_map(results, path) -> None:
         rows.append({"group": key, "type": mtype, "layers": [int(layer.split("-")[0])], "max_rank": max_rank,
                      "effective_rank": results["effective_rank"][key],
                      "ranks": {label: results["ranks_at_0.4"][label][key] for label in labels}})
-    plot_png({"model": "embedded:smollm2-135m", "ratio": 0.4, "allocators": labels, "rows": rows}, path)
+    plot_png({"model": results.get("model", "embedded:smollm2-135m"), "ratio": 0.4, "allocators": labels, "rows": rows}, path)
 
 
 def markdown(results) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from conftest import tiny_llama
 from workbench.allocation import budget_for, check_allocation, rank_cost, total_cost
-from workbench.engine import allocate, calibrate
+from workbench.engine import allocate, assemble, calibrate
 from workbench.events import CancelToken, EventBus
 from workbench.grouping import plan_groups
 from workbench.plugin_api import GroupSpectrum
@@ -274,3 +275,58 @@ def test_builtins_meet_the_budget_on_the_embedded_model():
             allocator = registry.allocators[name]
             ranks = allocate(allocator, name, cal.spectra, budget, {o.name: o.default for o in allocator.options})
             assert abs(1 - total_cost(cal.spectra, ranks) / dense - ratio) < 0.005, name
+
+    # The default must earn its place on held-out text, even from this small calibration.
+    from workbench.data import evaluation_tokens
+    from workbench_evaluators.perplexity import perplexity
+
+    held_out = evaluation_tokens(loaded.tokenizer, "embedded:wiki-vital")
+    budget = budget_for(cal.spectra, 0.4)
+    scores = {}
+    for name in ("uniform", "loss-aware"):
+        allocator = registry.allocators[name]
+        ranks = allocate(allocator, name, cal.spectra, budget, {o.name: o.default for o in allocator.options})
+        model = copy.deepcopy(loaded.model)
+        assemble(model, adapter, plans, dict(cal.factors), ranks, cal.spectra)
+        with torch.inference_mode():
+            scores[name] = perplexity(model, held_out, 128, max_windows=8, device="cpu")["perplexity"]
+        del model
+    assert scores["loss-aware"] < 0.85 * scores["uniform"], scores
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_fisher_scores_match_the_loss_slope_of_removing_each_component(group_size):
+    """F_i = ½·mean_b (dL_b/dt)², where W(t) = W − t·σ_i u_i v_iᵀL⁻¹ removes component i at t = 1.
+
+    The reference differentiates the float64 loss with respect to the scalar t itself, through a
+    functional call, so neither the gradient hooks nor the per-layer projection are reused.
+    """
+    from torch.func import functional_call
+
+    from workbench.sensitivity import fisher_scores
+
+    model = tiny_llama(kv_heads=2, layers=2).double()
+    adapter = load_registry(strict=True).adapter_for(model)
+    plans = plan_groups(model, adapter, ["q_proj", "down_proj"], [], lambda t: group_size)
+    ids = torch.randint(0, 128, (6, 24), generator=torch.Generator().manual_seed(3))
+    cal = calibrate(model, adapter, plans, ids, CPU, EventBus(), CancelToken())
+    windows = ids[:3]
+    scores = fisher_scores(model, adapter, plans, cal.factors, windows, CPU, EventBus(), CancelToken())
+    names = {id(p): n for n, p in model.named_parameters()}
+    layers = adapter.decoder_layers(model)
+    for plan in plans:
+        f = cal.factors[plan.key]
+        weights = [layers[j].get_submodule(plan.site.path).weight for j in plan.layers]
+        for i in (0, 3, f.u.shape[1] - 1):
+            steps = [-f.singular_values[i] * torch.outer(u[:, i].double(), f.vt_linv[i].double())
+                     for u in f.u.split(plan.out_features, dim=0)]  # rows of U per layer of the group
+            slopes = []
+            for b in range(windows.shape[0]):
+                t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+                moved = {names[id(w)]: w.detach() + t * d for w, d in zip(weights, steps)}
+                logits = functional_call(model, moved, kwargs={"input_ids": windows[b:b + 1], "use_cache": False}).logits
+                torch.nn.functional.cross_entropy(logits[0, :-1], windows[b, 1:]).backward()
+                slopes.append(t.grad.item())
+            expected = 0.5 * sum(x * x for x in slopes) / len(slopes)
+            assert expected > 0
+            assert scores[plan.key][i].item() == pytest.approx(expected, rel=1e-3), (plan.key, i)

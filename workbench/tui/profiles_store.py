@@ -40,7 +40,7 @@ seq_len = 512
 
 [compression]
 ratio = 0.2
-allocator = "uniform"
+allocator = "loss-aware"
 group_size = 1
 
 [[evaluate]]
