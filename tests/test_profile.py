@@ -31,6 +31,7 @@ def _plugin(name, *options):
 REGISTRY = SimpleNamespace(
     allocators={
         "uniform": _plugin("uniform"),
+        "loss-aware": _plugin("loss-aware", Option("fisher_windows", int, 8, min=1)),
         "rebalanced": _plugin(
             "rebalanced",
             Option("beta", float, 0.5, min=0.0, max=1.0),
@@ -78,7 +79,7 @@ def test_quickstart_parses_with_the_documented_values():
     cal = profile.calibration
     assert (cal.dataset, cal.samples, cal.seq_len, cal.seed) == ("embedded:wiki-vital", 32, 512, 0)
     comp = profile.compression
-    assert (comp.ratio, comp.allocator, comp.group_size, comp.targets, comp.ignore) == (0.2, "uniform", 1, None, [])
+    assert (comp.ratio, comp.allocator, comp.group_size, comp.targets, comp.ignore) == (0.2, "loss-aware", 1, None, [])
     assert [e.evaluator for e in profile.evaluate] == ["perplexity"]
     # The evaluator's own defaults are filled in.
     assert profile.evaluate[0].options == {"dataset": "embedded:wiki-vital", "seq_len": 512, "max_windows": 16, "batch_size": 4}
@@ -91,7 +92,9 @@ def test_empty_profile_takes_every_default_and_names_itself_after_the_file():
     assert profile.output.dir == "runs/my-run"
     assert profile.model.source == "embedded:smollm2-135m"
     assert profile.compression.whitening == "cholesky"
-    assert profile.compression.allocator_options == {}
+    # The default allocator, with its own option defaults filled in.
+    assert profile.compression.allocator == "loss-aware"
+    assert profile.compression.allocator_options == {"fisher_windows": 8}
     assert profile.evaluate == []
     assert parse_profile("", registry=REGISTRY).output.dir == "runs/profile"
 
@@ -268,7 +271,7 @@ def test_device_must_be_known():
 def test_unknown_allocator_suggests_the_nearest():
     p = only("[compression]\nallocator = 'unifrom'\n")
     assert (p.key, p.line, p.suggestion) == ("compression.allocator", 2, "uniform")
-    assert p.allowed == "rebalanced, uniform"
+    assert p.allowed == "loss-aware, rebalanced, uniform"
 
 
 def test_allocator_options_unknown_wrong_type_and_out_of_range():
@@ -287,8 +290,8 @@ def test_allocator_options_unknown_wrong_type_and_out_of_range():
 
 
 def test_options_for_an_allocator_without_options():
-    p = only("[compression.allocator_options]\nbeta = 0.5\n")
-    assert (p.key, p.line, p.allowed) == ("compression.allocator_options.beta", 2, "no options")
+    p = only("[compression]\nallocator = 'uniform'\n[compression.allocator_options]\nbeta = 0.5\n")
+    assert (p.key, p.line, p.allowed) == ("compression.allocator_options.beta", 4, "no options")
 
 
 EVALUATE = """[model]

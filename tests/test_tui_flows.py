@@ -138,8 +138,10 @@ def test_cancel_mid_run_leaves_output_as_it_was(tiny_workspace, tmp_path, monkey
 
     monkeypatch.setattr(engine, "run_layer", slow_run_layer)
     asyncio.run(_cancel_mid_run(out))
-    after = sorted(p.name for p in out.parent.iterdir()), (out / "report.json").read_text()
+    work = out.with_name("tiny.work")
+    after = sorted(p.name for p in out.parent.iterdir() if p != work), (out / "report.json").read_text()
     assert after == before  # no staging leftovers, the earlier output untouched
+    assert (work / "state.json").exists()  # the cancelled run's checkpoint: running it again goes on from there
 
 
 async def _cancel_mid_run(out):
@@ -152,6 +154,44 @@ async def _cancel_mid_run(out):
         await pilot.press("c")
         await wait_until(pilot, lambda: app.progress.finished is not None)
         assert app.progress.finished == "cancelled"
+
+
+def test_running_a_cancelled_profile_again_goes_on_from_its_checkpoint(tiny_workspace, tmp_path, monkeypatch):
+    from tests.conftest import tiny_profile
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "profiles").mkdir()
+    out = tmp_path / "runs/tiny"
+    (tmp_path / "profiles/tiny.toml").write_text(tiny_profile(tiny_workspace, out))
+    import time
+
+    import workbench.engine as engine
+
+    real_run_layer = engine.run_layer
+
+    def slow_run_layer(*args, **kwargs):
+        time.sleep(0.5)
+        return real_run_layer(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_layer", slow_run_layer)
+    asyncio.run(_cancel_then_run_again())
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed_from_checkpoint"][0] == "dense metrics"
+    assert not out.with_name("tiny.work").exists()
+
+
+async def _cancel_then_run_again():
+    app = WorkbenchApp(Path("profiles"), Path("runs"))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("r")
+        await wait_until(pilot, lambda: app.progress is not None and app.progress.stage == "calibrate")
+        await pilot.press("c")
+        await wait_until(pilot, lambda: app.progress.finished is not None)
+        assert app.progress.finished == "cancelled" and "checkpoint" in app.progress.outcome
+        await pilot.press("1")
+        await pilot.pause()
+        await pilot.press("r")
+        await wait_until(pilot, lambda: app.progress.finished == "done")
 
 
 def test_new_user_sees_profiles_and_starts_quickstart_with_shown_keys(tmp_path, monkeypatch):

@@ -64,7 +64,7 @@ def workspace(tmp_path, monkeypatch):
     return tmp_path
 
 
-def fake_pipeline(profile, *, output_dir, force, events: EventBus, cancel, registry):
+def fake_pipeline(profile, *, output_dir, force, events: EventBus, cancel, registry, resume):
     """Emits a run's worth of events with fixed numbers, so the finished run screen is deterministic."""
     events.emit("stage_start", "load", "embedded:smollm2-135m", memory_bytes=300 << 20)
     events.emit("stage_end", "load", "1.0 s", memory_bytes=400 << 20)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Mapping, Sequence
 
 from workbench.errors import PluginError
@@ -49,6 +50,21 @@ def fill_to_budget(groups: Sequence[GroupSpectrum], ranks: Mapping[str, int], bu
         ranks[best.key] += 1
 
 
+def as_rank(value: object) -> int | None:
+    """`value` as a plain int if it is an integer: int, numpy or one-element torch integer.
+
+    Floats are refused even when whole (3.0): an allocator returning them is rounding somewhere
+    it did not decide to, and the budget check would not see it. Booleans are refused too: True is
+    an int to Python but never a rank anyone meant.
+    """
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        return None
+    try:
+        return operator.index(value)  # int, numpy integers, integer tensors; TypeError for floats
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
 def check_allocation(groups: Sequence[GroupSpectrum], ranks: object, budget: int, who: str) -> Allocation:
     """Validate an allocator's answer; raise PluginError naming the allocator on any violation.
 
@@ -59,7 +75,7 @@ def check_allocation(groups: Sequence[GroupSpectrum], ranks: object, budget: int
     problems = []
     keys = {g.key for g in groups}
     missing = sorted(keys - set(ranks))
-    extra = sorted(set(ranks) - keys)
+    extra = sorted(set(ranks) - keys, key=repr)  # a buggy allocator's keys need not be strings
     if missing:
         problems.append(f"no rank for {len(missing)} group(s), e.g. {missing[:3]}")
     if extra:
@@ -68,13 +84,10 @@ def check_allocation(groups: Sequence[GroupSpectrum], ranks: object, budget: int
     for g in groups:
         if g.key not in ranks:
             continue
-        k = ranks[g.key]
-        if isinstance(k, bool) or not isinstance(k, int):
-            if hasattr(k, "item") and float(k.item()).is_integer():  # numpy / torch integers
-                k = int(k.item())
-            else:
-                problems.append(f"rank for {g.key} is {k!r}, not an integer")
-                continue
+        k = as_rank(ranks[g.key])
+        if k is None:
+            problems.append(f"rank for {g.key} is {ranks[g.key]!r} ({type(ranks[g.key]).__name__}), not an integer")
+            continue
         if not 1 <= k <= g.max_rank:
             problems.append(f"rank {k} for {g.key} outside [1, {g.max_rank}]")
             continue

@@ -39,6 +39,12 @@ def _fail(exc: WorkbenchError) -> "typer.Exit":
     return typer.Exit(int(exc.exit_code))
 
 
+def _warn_plugin_failures(registry) -> None:
+    for failure in registry.failures:
+        err.print("[yellow]warning[/]: ", end="")
+        err.print(str(failure), markup=False)  # a plugin's message may contain [brackets]
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"workbench {__version__}")
@@ -103,7 +109,12 @@ class _Interrupts:
 def run(
     profile_path: Path = typer.Argument(..., metavar="PROFILE", help="The profile (TOML) to run."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory (overrides [output] dir)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output directory (atomically)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output directory (atomically); "
+                               "without --resume, also start over from an interrupted run's checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint an interrupted run left in "
+                                "<output dir>.work/ (from the beginning if there is none)."),
+    skip_preflight: bool = typer.Option(False, "--skip-preflight", help="Run even when the disk or memory "
+                                        "estimate says the run will not fit."),
     log_format: str = typer.Option("auto", "--log-format", help="auto | live | plain | json"),
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback when the run fails."),
 ) -> None:
@@ -117,23 +128,30 @@ def run(
     out = Console(highlight=False)
     try:
         registry = get_registry()
-        for failure in registry.failures:
-            err.print(f"[yellow]warning[/]: {failure}", markup=True, highlight=False)
+        _warn_plugin_failures(registry)
         profile = load_profile(profile_path, registry)
         renderer = make_renderer(log_format, out if log_format != "json" else Console(file=sys.stdout))
         cancel = CancelToken()
         with _Interrupts(cancel), renderer:
             bus = EventBus([renderer])
             try:
-                report = run_safely(profile, output_dir=output, force=force, events=bus, cancel=cancel, registry=registry)
-            except KeyboardInterrupt:
-                raise Interrupted("forced by a second interrupt") from None
+                report = run_safely(profile, output_dir=output, force=force, events=bus, cancel=cancel,
+                                    registry=registry, resume=resume, preflight=not skip_preflight)
+            except KeyboardInterrupt as exc:
+                forced = Interrupted("forced by a second interrupt")
+                forced.checkpoint = getattr(exc, "checkpoint", None)
+                raise forced from None
         if log_format != "json":
             print_summary(out, report)
     except WorkbenchError as exc:
         if debug and exc.__cause__ is not None:
             err.print_exception()
-        raise _fail(exc) from None
+        exit_ = _fail(exc)
+        if exc.checkpoint is not None:
+            again = f"workbench run {profile_path}" + (f" --output {output}" if output else "") + " --resume" + (
+                " --force" if force else "")
+            err.print(f"progress so far is checkpointed in {exc.checkpoint}; continue with: {again}", markup=False)
+        raise exit_ from None
 
 
 @app.command()
@@ -171,7 +189,11 @@ def validate(files: list[Path] = typer.Argument(..., metavar="FILE...", help="Pr
     from workbench.plugins import get_registry
     from workbench.profile import load_profile
 
-    registry = get_registry()
+    try:
+        registry = get_registry()
+    except WorkbenchError as exc:  # a broken plugin under WORKBENCH_STRICT_PLUGINS
+        raise _fail(exc) from None
+    _warn_plugin_failures(registry)  # a profile naming a plugin that failed would read "unknown" otherwise
     worst = ExitCode.OK
     for path in files:
         try:
@@ -212,7 +234,8 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
             for name, obj in items.items():
                 console.print(f"  {name:<18} {obj.description}", markup=False)
     for failure in registry.failures:
-        console.print(f"[red]failed[/]: {failure}")
+        console.print("[red]failed[/]: ", end="")
+        console.print(str(failure), markup=False, soft_wrap=True)
 
 
 def main() -> None:

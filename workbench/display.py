@@ -385,6 +385,9 @@ def summary_table(report: Mapping[str, Any]) -> Table:
             resources.add_row("peak GPU memory", format_bytes(peak["cuda_bytes"]))
     if resources.row_count:
         blocks.append(resources)
+    if report.get("resumed_from_checkpoint"):
+        reused = ", ".join(str(r) for r in report["resumed_from_checkpoint"])
+        blocks.append(Text(f"resumed from a checkpoint: {reused} (times cover this run only)"))
     if report.get("output_dir"):
         blocks.append(Text(f"output: {report['output_dir']}"))
 

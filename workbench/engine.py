@@ -15,6 +15,7 @@ from workbench.events import CancelToken, EventBus
 from workbench.factorize import GroupFactors, measured_loss, predicted_loss, whitened_svd
 from workbench.grouping import GroupPlan, module_prefix
 from workbench.lowrank import LowRankLinear
+from workbench.numerics import check_factors, check_gram, check_layer_weights, loss_check_failed
 from workbench.plugin_api import Adapter, Allocator, GroupSpectrum
 
 # The built-in check of method.md, run on every group at half its kept rank: the measured whitened
@@ -32,6 +33,23 @@ class Calibrated:
     tokens: int = 0
 
 
+@dataclass
+class CalibrationState:
+    """Where calibration stands after a layer: all it needs to go on exactly as if never stopped.
+
+    `hidden` is the next layer's input per batch (None once every layer is done); the batches'
+    keyword arguments (rotary embeddings, masks) are not kept: they are the same for every layer,
+    so a resumed run captures them again, which costs only the embedding.
+    """
+
+    next_layer: int
+    hidden: list[torch.Tensor] | None
+    grams: dict[tuple[str, int], torch.Tensor]  # per-layer Grams a pending group still needs
+    factors: dict[str, GroupFactors]  # finished groups
+    whitening: list[dict[str, Any]]
+    tokens: int
+
+
 def _weights(layers: nn.ModuleList, plan: GroupPlan) -> list[torch.Tensor]:
     return [layers[i].get_submodule(plan.site.path).weight for i in plan.layers]
 
@@ -46,12 +64,12 @@ def _factor_group(layers, plan: GroupPlan, grams: dict, method: str, device, ful
     k = max(1, factors.u.shape[1] // 2)
     energy = float((factors.singular_values ** 2).sum()) or 1.0
     error = abs(measured_loss(weights, factors, k) - predicted_loss(factors, k)) / energy
-    if error > LOSS_CHECK_TOLERANCE and factors.whitening.method == "cholesky":
+    if loss_check_failed(error, LOSS_CHECK_TOLERANCE) and factors.whitening.method == "cholesky":
         # An ill-conditioned Cholesky factor can pass its own test yet whiten badly: use the eigen route.
         factors = whitened_svd(weights, gram.to(device), keep=keep, method="eigen")
         factors.whitening.fallback_reason = f"loss check failed on Cholesky (relative error {error:.1e})"
         error = abs(measured_loss(weights, factors, k) - predicted_loss(factors, k)) / energy
-    if error > LOSS_CHECK_TOLERANCE:
+    if loss_check_failed(error, LOSS_CHECK_TOLERANCE):
         raise RunFailed(f"{plan.key}: whitened loss check failed (relative error {error:.1e}); the Gram matrix "
                         f"is too ill-conditioned. Try more calibration samples or compression.whitening = \"eigen\".")
     return factors
@@ -59,14 +77,15 @@ def _factor_group(layers, plan: GroupPlan, grams: dict, method: str, device, ful
 
 def calibrate(model: nn.Module, adapter: Adapter, plans: Sequence[GroupPlan], windows: torch.Tensor,
               device: torch.device, events: EventBus, cancel: CancelToken, whitening: str = "cholesky",
-              batch_size: int = 8, full_factors: bool = False) -> Calibrated:
+              batch_size: int = 8, full_factors: bool = False, checkpoint: Any = None) -> Calibrated:
     """Accumulate Grams layer by layer and factor every group as soon as its last layer is done.
 
     Factors are kept up to break-even rank (beyond it a group stays dense); `full_factors` keeps
-    every component, for the exactness check of the factor path.
+    every component, for the exactness check of the factor path. `checkpoint` (a
+    `workbench.checkpoint.WorkDir`) hands back the state of an interrupted run to continue from
+    (`load_calibration`) and is given the state after each layer (`save_calibration`).
     """
     layers = adapter.decoder_layers(model)
-    batches = capture_layer_inputs(model, layers[0], windows, batch_size, device, cancel.check)
     needed: dict[int, set[str]] = {}
     last_layer = max(i for p in plans for i in p.layers)
     for plan in plans:
@@ -77,9 +96,22 @@ def calibrate(model: nn.Module, adapter: Adapter, plans: Sequence[GroupPlan], wi
     factors: dict[str, GroupFactors] = {}
     report: list[dict[str, Any]] = []
     tokens = 0
-    for i in range(last_layer + 1):
+    start = 0
+    state = checkpoint.load_calibration(device) if checkpoint is not None else None
+    if state is not None:
+        start, grams, factors, report, tokens = (state.next_layer, state.grams, state.factors, state.whitening,
+                                                 state.tokens)
+        pending = {k: p for k, p in pending.items() if k not in factors}
+        events.log("calibrate", f"resumed from the checkpoint: {start} of {last_layer + 1} layers done")
+    batches = []
+    if start <= last_layer:
+        batches = capture_layer_inputs(model, layers[0], windows, batch_size, device, cancel.check)
+        if state is not None:
+            _restore_inputs(batches, state.hidden)
+    for i in range(start, last_layer + 1):
         cancel.check()
         layer = layers[i]
+        check_layer_weights(layer, i, {p.site for p in plans if i in p.layers})
         acc = GramAccumulator()
         for group_name in sorted(needed.get(i, ())):
             site = next(p.site for p in plans if p.site.input_group == group_name)
@@ -89,8 +121,7 @@ def calibrate(model: nn.Module, adapter: Adapter, plans: Sequence[GroupPlan], wi
         finally:
             acc.close()
         for group_name, gram in acc.grams.items():  # symmetric, complete
-            if not torch.isfinite(gram).all():
-                raise RunFailed(f"layer {i}, input of {group_name}: NaN or Inf in the calibration activations")
+            check_gram(gram, i, group_name, sorted({p.site.path for p in plans if p.site.input_group == group_name}))
             grams[(group_name, i)] = gram
             tokens = acc.tokens[group_name]
         for plan in [p for p in pending.values() if p.layers[-1] == i]:
@@ -107,6 +138,10 @@ def calibrate(model: nn.Module, adapter: Adapter, plans: Sequence[GroupPlan], wi
         live = {(p.site.input_group, j) for p in pending.values() for j in p.layers}
         for k in [k for k in grams if k not in live]:
             del grams[k]
+        if checkpoint is not None:
+            hidden = [b.hidden for b in batches] if i < last_layer else None
+            checkpoint.save_calibration(CalibrationState(i + 1, hidden, grams, factors, report, tokens),
+                                        final=i == last_layer, layers=last_layer + 1)
         events.progress("calibrate", i + 1, last_layer + 1, data={"unit": "layer"})
     del batches
     spectra = [GroupSpectrum(p.key, p.matrix_type, p.layers, p.in_features, p.out_features,
@@ -115,11 +150,21 @@ def calibrate(model: nn.Module, adapter: Adapter, plans: Sequence[GroupPlan], wi
     return Calibrated(factors, spectra, report, tokens)
 
 
+def _restore_inputs(batches: list, hidden: list[torch.Tensor] | None) -> None:
+    """Put a checkpoint's hidden states into freshly captured batches (same windows, same batching)."""
+    if hidden is None or len(hidden) != len(batches) or any(
+            h.shape != b.hidden.shape or h.dtype != b.hidden.dtype for h, b in zip(hidden, batches)):
+        raise RunFailed("the checkpoint's calibration inputs do not match this run's calibration batches; "
+                        "start over with --force (without --resume)")
+    for batch, h in zip(batches, hidden):
+        batch.hidden = h.to(batch.hidden.device)
+
+
 def allocate(allocator: Allocator, who: str, spectra: Sequence[GroupSpectrum], budget: int,
              options: dict[str, Any]) -> dict[str, int]:
     try:
         ranks = allocator.allocate(list(spectra), budget, dict(options))
-    except Exception as exc:  # noqa: BLE001 - a plugin's bug is reported by name
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a plugin's bug (even sys.exit) is reported by name
         raise RunFailed(f"{who} raised {type(exc).__name__}: {exc}") from exc
     return check_allocation(spectra, ranks, budget, who)
 
@@ -149,6 +194,7 @@ def assemble(model: nn.Module, adapter: Adapter, plans: Sequence[GroupPlan], fac
         first = layers[plan.layers[0]].get_submodule(plan.site.path)
         dtype, device = first.weight.dtype, first.weight.device
         qs, p = factors[plan.key].factors(rank, dtype=dtype)
+        check_factors(plan.key, qs, p, dtype)
         basis = nn.Parameter(p.to(device), requires_grad=False)
         for i, q in zip(plan.layers, qs):
             old = layers[i].get_submodule(plan.site.path)

@@ -42,6 +42,7 @@ class WorkbenchError(Exception):
     """Base class: an error with a message meant for the user, no traceback needed."""
 
     exit_code = ExitCode.FAILED
+    checkpoint = None  # the work directory an interrupted or failed run left to resume from, if any
 
 
 class UsageError(WorkbenchError):

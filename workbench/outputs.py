@@ -20,19 +20,27 @@ def check_target(target: Path, force: bool) -> None:
         raise UsageError(f"output directory {target} already exists; pass --force to replace it "
                          f"or set [output] dir to a new path")
     parent = target.parent if target.parent != Path("") else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a file where a directory of the path should be
+        raise UsageError(f"cannot create {parent} (output.dir = {target}): {exc.strerror or exc}") from None
     if not os.access(parent, os.W_OK):
         raise UsageError(f"cannot write to {parent} (output.dir = {target})")
 
 
 class StagedOutput:
-    """A temporary directory beside the target, published with `publish()` or removed on `discard()`."""
+    """A temporary directory, published with `publish()` or removed on `discard()`.
 
-    def __init__(self, target: Path, force: bool = False):
+    It is made in `root` (the run's work directory, so a killed run leaves nothing beside the
+    target but that), or beside the target; either way on the target's file system, so publishing
+    is a rename.
+    """
+
+    def __init__(self, target: Path, force: bool = False, root: Path | None = None):
         self.target = Path(target)
         self.force = force
         check_target(self.target, force)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=root or self.target.parent))
 
     def publish(self) -> Path:
         if self.target.exists():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 
 from workbench import __version__
 from workbench.allocation import budget_for
+from workbench.checkpoint import WorkDir
 from workbench.dense_cache import DenseCache
 from workbench.engine import allocate, assemble, calibrate
 from workbench.errors import Interrupted, RunFailed, WorkbenchError
@@ -24,6 +25,7 @@ from workbench.events import CancelToken, EventBus
 from workbench.grouping import plan_groups
 from workbench.outputs import StagedOutput, check_target
 from workbench.plugin_api import EvalContext
+from workbench.preflight import check as preflight_check, estimate, shapes_of
 from workbench.report_md import render_report_md
 from workbench.resources import count_parameters, current_memory, peak_memory
 from workbench.sensitivity import attach_signals, signal_window_count
@@ -69,7 +71,7 @@ def _evaluate_all(profile, registry, model, tokenizer, loaded, label: str, event
                    "details": result.details}
         except (Interrupted, KeyboardInterrupt):
             raise
-        except Exception as exc:  # noqa: BLE001 - reported by name, the run goes on
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - reported by name (even sys.exit), the run goes on
             events.warn(f"evaluate {label}", f"{who} failed: {type(exc).__name__}: {exc}")
             results.append({"error": f"{type(exc).__name__}: {exc}"})
             continue
@@ -93,8 +95,35 @@ def _pair_metrics(profile, dense: list[dict], compressed: list[dict]) -> list[di
 
 
 def run(profile, *, output_dir: str | Path | None = None, force: bool = False, events: EventBus | None = None,
-        cancel: CancelToken | None = None, registry=None) -> dict[str, Any]:
-    """Run `profile` end to end and return the report (also written as report.json)."""
+        cancel: CancelToken | None = None, registry=None, resume: bool | str = False,
+        preflight: bool = True) -> dict[str, Any]:
+    """Run `profile` end to end and return the report (also written as report.json).
+
+    Progress is checkpointed in `<output>.work/` (workbench/checkpoint.py), kept when the run is
+    interrupted or fails and removed once the output is published. `resume`: False refuses an
+    existing checkpoint unless `force` (which starts over); True continues it; "auto" (the app)
+    continues it when it belongs to this profile and model, else starts over. `preflight` checks
+    disk and memory before the long work (workbench/preflight.py).
+    """
+    target = Path(output_dir if output_dir is not None else profile.output.dir)
+    check_target(target, force)  # before the work directory is made beside it
+    work = WorkDir.acquire(target)
+    try:
+        report = _run(profile, work, target, force=force, events=events, cancel=cancel, registry=registry,
+                      resume=resume, preflight=preflight)
+    except BaseException as exc:
+        ours = bool(work.state)  # this run's checkpoint, not one it refused to touch
+        kept = work.close()
+        if kept is not None and ours:  # the CLI and the app tell the user how to continue
+            with suppress(AttributeError, TypeError):
+                exc.checkpoint = kept
+        raise
+    work.close()
+    return report
+
+
+def _run(profile, work: WorkDir, target: Path, *, force: bool, events: EventBus | None, cancel: CancelToken | None,
+         registry, resume: bool | str, preflight: bool) -> dict[str, Any]:
     from workbench.data import calibration_windows
     from workbench.models import load_model
     from workbench.plugins import get_registry
@@ -102,9 +131,8 @@ def run(profile, *, output_dir: str | Path | None = None, force: bool = False, e
     registry = registry or get_registry()
     events = events or EventBus()
     cancel = cancel or CancelToken()
-    target = Path(output_dir if output_dir is not None else profile.output.dir)
-    check_target(target, force)  # before any long work
     allocator = registry.get("allocator", profile.compression.allocator)
+    work.prepare(profile, resume, force, events)
     timer = _Timer()
     started = time.perf_counter()
 
@@ -116,25 +144,43 @@ def run(profile, *, output_dir: str | Path | None = None, force: bool = False, e
         plans = plan_groups(model, adapter, profile.compression.targets, profile.compression.ignore,
                             profile.compression.group_size)
         params_model_dense = count_parameters(model)
+        work.check_model(loaded.fingerprint, loaded.device.type)
+        if preflight:
+            needs = estimate(shapes_of(model, plans, profile, params_model_dense))
+            events.log("load", preflight_check(needs, target, loaded.device, profile.output.save_model,
+                                               already_on_disk=work.disk_usage()))
     cancel.check()
 
     cache = DenseCache.default()
     with timer.stage("evaluate dense", events):
-        dense_results = _evaluate_all(profile, registry, model, tokenizer, loaded, "dense", events, cancel, cache)
+        dense_results = work.dense_results(profile.evaluate)
+        if dense_results is None:
+            dense_results = _evaluate_all(profile, registry, model, tokenizer, loaded, "dense", events, cancel, cache)
+            work.save_dense(profile.evaluate, dense_results)
+        else:
+            events.log("evaluate dense", "dense metrics taken from the checkpoint")
     cancel.check()
 
     with timer.stage("calibrate", events, f"{profile.calibration.samples} × {profile.calibration.seq_len} tokens"):
         windows = calibration_windows(tokenizer, profile.calibration.dataset, profile.calibration.samples,
                                       profile.calibration.seq_len, profile.calibration.seed)
+        work.check_windows(windows)
         calibrated = calibrate(model, adapter, plans, windows, loaded.device, events, cancel,
-                               whitening=profile.compression.whitening)
+                               whitening=profile.compression.whitening, checkpoint=work)
     cancel.check()
 
     if allocator.needs:
         with timer.stage("sensitivity", events, ", ".join(allocator.needs)):
-            signal_windows = signal_window_count(profile.compression.allocator_options, windows.shape[0])
-            attach_signals(allocator.needs, calibrated.spectra, model, adapter, plans, calibrated.factors,
-                           windows[:signal_windows], loaded.device, events, cancel)
+            saved_signals = work.signals(allocator.needs)
+            if saved_signals is None:
+                signal_windows = signal_window_count(profile.compression.allocator_options, windows.shape[0])
+                attach_signals(allocator.needs, calibrated.spectra, model, adapter, plans, calibrated.factors,
+                               windows[:signal_windows], loaded.device, events, cancel)
+                work.save_signals(allocator.needs, calibrated.spectra)
+            else:
+                for spec in calibrated.spectra:
+                    spec.sensitivity = {**spec.sensitivity, **{n: v[spec.key] for n, v in saved_signals.items()}}
+                events.log("sensitivity", "signals taken from the checkpoint")
         cancel.check()
 
     with timer.stage("allocate", events, profile.compression.allocator):
@@ -157,7 +203,7 @@ def run(profile, *, output_dir: str | Path | None = None, force: bool = False, e
         "model_dense": params_model_dense, "model_compressed": params_model,
     }
 
-    staged = StagedOutput(target, force)
+    staged = StagedOutput(target, force, root=work.staging_root())
     try:
         (staged.path / "profile.toml").write_text(profile.to_toml())
         if profile.output.save_model:
@@ -192,10 +238,13 @@ def run(profile, *, output_dir: str | Path | None = None, force: bool = False, e
             "peak_memory": peak_memory(loaded.device),
             "profile": profile.to_dict(),
         }
+        if work.resumed:  # what an interrupted run had done; timings then cover only this run's part
+            report["resumed_from_checkpoint"] = work.resumed
         (staged.path / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (staged.path / "report.md").write_text(render_report_md(report))
         cancel.check()
         staged.publish()
+        work.finish()
     except BaseException:
         staged.discard()  # interrupted or failed before publishing: leave the target as it was
         raise
@@ -213,6 +262,10 @@ def run_safely(*args, **kwargs) -> dict[str, Any]:
     except (WorkbenchError, KeyboardInterrupt):
         raise
     except torch.cuda.OutOfMemoryError as exc:
-        raise RunFailed(f"out of GPU memory: {exc}. Lower calibration.samples or use a smaller dtype.") from exc
+        failed = RunFailed(f"out of GPU memory: {exc}. Lower calibration.samples or use a smaller dtype.")
+        failed.checkpoint = getattr(exc, "checkpoint", None)
+        raise failed from exc
     except Exception as exc:  # noqa: BLE001
-        raise RunFailed(f"{type(exc).__name__}: {exc}") from exc
+        failed = RunFailed(f"{type(exc).__name__}: {exc}")
+        failed.checkpoint = getattr(exc, "checkpoint", None)
+        raise failed from exc

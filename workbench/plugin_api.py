@@ -57,6 +57,8 @@ class Option:
             return value, f"expected {_TYPE_NAMES[self.type]}, got {value!r}"
         if not isinstance(value, self.type):
             return value, f"expected {_TYPE_NAMES.get(self.type, self.type.__name__)}, got {value!r}"
+        if isinstance(value, float) and value != value:  # NaN passes every `<`/`>` bound check below
+            return value, f"expected {_TYPE_NAMES.get(self.type, 'a number')}, got nan"
         if self.choices is not None and value not in self.choices:
             return value, f"{value!r} is not one of the choices"
         if self.min is not None and value < self.min:

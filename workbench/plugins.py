@@ -18,6 +18,7 @@ import pluggy
 from workbench import hookspecs
 from workbench.errors import PluginError, UsageError
 from workbench.plugin_api import Adapter, Allocator, Evaluator, Plugin, nearest
+from workbench.plugin_checks import check_declaration
 
 ENTRY_POINT_GROUP = "workbench"
 # Imported directly when the entry points are missing (running from a source tree without install).
@@ -102,8 +103,7 @@ class Registry:
                 obj = obj()
             if not isinstance(obj, base):
                 raise TypeError(f"register() expects a {base.__name__}, got {type(obj).__name__}")
-            if not obj.name:
-                raise TypeError(f"{type(obj).__name__} has no name")
+            check_declaration(kind, obj)
             table = self.table(kind)
             if obj.name in table:
                 raise ValueError(f"{kind} '{obj.name}' is already registered by {self.origin[(kind, obj.name)].distribution}")
@@ -129,7 +129,7 @@ class Registry:
                 impls = [i for i in hook.get_hookimpls() if i.plugin is module]
                 for impl in impls:
                     impl.function(register=self._registrar(kind, owner))
-        except Exception:
+        except (Exception, SystemExit):
             # Undo a half-registered plugin so the registry stays consistent.
             self.pm.unregister(module)
             for entry in owner.provides:
@@ -164,7 +164,7 @@ def load_registry(strict: bool | None = None, entry_points: list[md.EntryPoint] 
                 continue
             seen_modules.add(module.__name__)
             registry.add_module(module, ep.name, dist_name, version)
-        except Exception as exc:  # noqa: BLE001 - one broken plugin must not kill the CLI
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - one broken plugin (even sys.exit) must not kill the CLI
             failure = PluginFailure(ep.name, dist_name, version, f"{type(exc).__name__}: {exc}")
             if strict:
                 raise PluginError(str(failure) + " (WORKBENCH_STRICT_PLUGINS is set)") from exc
@@ -178,7 +178,7 @@ def load_registry(strict: bool | None = None, entry_points: list[md.EntryPoint] 
         try:
             module = importlib.import_module(mod_name)
             registry.add_module(module, mod_name, "workbench", __version__)
-        except Exception as exc:  # noqa: BLE001
+        except (Exception, SystemExit) as exc:  # noqa: BLE001
             failure = PluginFailure(mod_name, "workbench", __version__, f"{type(exc).__name__}: {exc}")
             if strict:
                 raise PluginError(str(failure)) from exc

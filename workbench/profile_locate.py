@@ -22,8 +22,12 @@ _DOTTED = rf"{_PART}(?:\s*\.\s*{_PART})*"
 _ARRAY_HEADER = re.compile(rf"\s*\[\[\s*({_DOTTED})\s*\]\]")
 _TABLE_HEADER = re.compile(rf"\s*\[\s*({_DOTTED})\s*\]")
 _KEY = re.compile(rf"\s*({_DOTTED})\s*=")
-# Inside a value: a `key =` (tried first), a string to skip, or a bracket that opens/closes a level.
-_INLINE = re.compile(rf"(?P<key>{_DOTTED})\s*=|{_QUOTED}|[{{}}\[\]]")
+# Inside a value: a `key =` (tried first), a word or string to skip, or a bracket that opens/closes
+# a level. Words and strings are consumed whole, an unterminated string up to the end of the line:
+# scanning restarted inside them, a long line (a pasted token, a run of escaped quotes) took time
+# quadratic in its length (16k characters: 15 s).
+_STRING = r'"(?:[^"\\]|\\.)*"?' + r"|'[^']*'?"
+_INLINE = re.compile(rf"(?P<key>{_DOTTED})\s*=|{_DOTTED}|{_STRING}|[{{}}\[\]]")
 _LAST_STEP = re.compile(r"(\.[^.\[\]]*|\[\d+\])$")
 
 

@@ -90,6 +90,21 @@ def _detail_sections(metrics: list[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _whitening_lines(entries: list[Mapping[str, Any]]) -> list[str]:
+    """Which groups left the Cholesky route and why: a user judging the result needs to see it."""
+    entries = [e for e in entries if isinstance(e, Mapping)]
+    if not entries:
+        return []
+    fell = [e for e in entries if e.get("fallback")]
+    methods = [str(e.get("method")) for e in entries]
+    line = "- whitening: " + ", ".join(f"{methods.count(m)} of {len(entries)} groups by {m}" for m in dict.fromkeys(methods))
+    if not fell:
+        return [line]
+    lines = [line + f"; {len(fell)} fell back to the eigendecomposition (singular or ill-conditioned Gram):"]
+    lines += [f"  - {e.get('group')}: rank of the Gram {e.get('rank_of_gram')}; {_num(e.get('fallback'))}" for e in fell]
+    return lines
+
+
 def render_report_md(report: dict[str, Any]) -> str:
     params = report.get("params", {})
     lines = [f"# workbench run: {report.get('profile_name', '?')}", ""]
@@ -99,6 +114,7 @@ def render_report_md(report: dict[str, Any]) -> str:
               f"- calibration: {report.get('calibration', {}).get('windows')} × {report.get('calibration', {}).get('seq_len')} tokens",
               f"- removed: {100 * params.get('ratio_targeted', 0):.2f}% of targeted parameters "
               f"(requested {100 * params.get('ratio_requested', 0):.2f}%), {100 * params.get('ratio_model', 0):.2f}% of the whole model",
+              *_whitening_lines(report.get("whitening") or []),
               "", "## Metrics", ""]
     metrics = [m for m in report.get("metrics", []) if isinstance(m, Mapping)]
     lines += _metric_rows(metrics)

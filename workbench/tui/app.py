@@ -154,11 +154,13 @@ class WorkbenchApp(App):
         bus = EventBus()
         bus.subscribe(ThrottledForwarder(self.post_message, job.id))
         try:
+            # "auto": a run cancelled earlier goes on from its checkpoint, unless the profile changed since.
             report = self._pipeline(job.profile, output_dir=job.output_dir, force=job.force, events=bus,
-                                    cancel=cancel, registry=self.registry)
+                                    cancel=cancel, registry=self.registry, resume="auto")
             result = RunFinished(job.id, "done", report)
-        except Interrupted:
-            result = RunFinished(job.id, "cancelled", "cancelled; the output directory was left as it was")
+        except Interrupted as exc:
+            again = "; run it again to go on from its checkpoint" if exc.checkpoint is not None else ""
+            result = RunFinished(job.id, "cancelled", f"cancelled; the output directory was left as it was{again}")
         except WorkbenchError as exc:
             result = RunFinished(job.id, "failed", str(exc))
         except BaseException as exc:  # noqa: BLE001 - whatever happens, the app must hear the run ended

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import tomlkit
 
 from workbench.errors import ProfileError
 from workbench.plugin_api import Option
-from workbench.profile import SECTIONS, TOP_LEVEL, parse_profile
+from workbench.profile import DEFAULT_ALLOCATOR, SECTIONS, TOP_LEVEL, parse_profile
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -66,6 +67,11 @@ def _with_current(names: list[str], current: Any) -> tuple:
     return tuple(names)
 
 
+def _name(value: Any) -> str | None:
+    """A plugin name from the document, or None: the value may be anything (a list is unhashable)."""
+    return value if isinstance(value, str) else None
+
+
 def build_sections(doc: Any, registry: Any) -> list[FormSection]:
     """The form for the profile in `doc` (a tomlkit document or plain dict)."""
     sections = [FormSection("Profile", tuple(_field((o.name,), o) for o in TOP_LEVEL))]
@@ -80,7 +86,7 @@ def build_sections(doc: Any, registry: Any) -> list[FormSection]:
             fields.append(_field((name, o.name), o, choices))
         sections.append(FormSection(f"[{name}]", tuple(fields)))
         if name == "compression":
-            allocator = registry.allocators.get(get_value(doc, ("compression", "allocator")) or "uniform")
+            allocator = registry.allocators.get(_name(get_value(doc, ("compression", "allocator"))) or DEFAULT_ALLOCATOR)
             if allocator is not None and allocator.options:
                 key = ("compression", "allocator_options")
                 sections.append(FormSection(f"[compression.allocator_options] ({allocator.name})",
@@ -90,7 +96,7 @@ def build_sections(doc: Any, registry: Any) -> list[FormSection]:
         name = entry.get("evaluator") if isinstance(entry, dict) else None
         picker = Option("evaluator", str, None, "the registered evaluator")
         fields = [_field(("evaluate", i, "evaluator"), picker, _with_current(sorted(registry.evaluators), name))]
-        evaluator = registry.evaluators.get(name)
+        evaluator = registry.evaluators.get(_name(name))
         if evaluator is not None:
             fields += [_field(("evaluate", i, o.name), o) for o in evaluator.options]
         sections.append(FormSection(f"[[evaluate]] #{i + 1}", tuple(fields)))
@@ -116,15 +122,20 @@ _REMOVE = object()
 def set_value(doc: Any, key: Key, value: Any) -> None:
     """Set (or, for REMOVE, delete) `key` in a tomlkit document, creating tables as needed."""
     node = doc
-    for part in key[:-1]:
-        if isinstance(part, int):
+    for depth, part in enumerate(key[:-1]):
+        if isinstance(key[depth + 1], int):  # ("evaluate", 0, ...): the form only offers entries that exist
+            if not isinstance(node.get(part), list) or key[depth + 1] >= len(node[part]):
+                return
             node = node[part]
             continue
-        if part not in node:
+        child = node[part] if isinstance(part, int) else node.get(part)
+        if not isinstance(child, dict):  # missing, or not a table (`model = 5`, `evaluate = [1]`): make one
             if value is _REMOVE:
                 return
-            node[part] = tomlkit.table()
-        node = node[part]
+            # an entry of an inline array (`evaluate = [1]`) must be an inline table
+            node[part] = tomlkit.inline_table() if isinstance(part, int) else tomlkit.table()
+            child = node[part]
+        node = child
     last = key[-1]
     if value is _REMOVE:
         if last in node:
@@ -144,9 +155,28 @@ def parse_input(text: str, option: Option) -> Any:
     if option.type is str:
         return text
     try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except (ValueError, RecursionError):  # not TOML; an integer of 5000 digits; a paste of "[[[[…" too deep
         return text
+    # tomlkit writes nested values recursively: a few hundred levels would crash every later save
+    return value if _depth(value) <= MAX_TYPED_DEPTH else text
+
+
+MAX_TYPED_DEPTH = 16  # no profile value nests more than three levels
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and tables nest in `value` (a scalar: 0), without recursion."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        node, level = todo.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            deepest = max(deepest, level)
+        else:
+            deepest = max(deepest, level + 1)
+            todo.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def format_value(value: Any) -> str:
@@ -156,6 +186,26 @@ def format_value(value: Any) -> str:
     if isinstance(value, str):
         return value
     return tomlkit.item(value).as_string()
+
+
+def load_document(path: Any) -> Any:
+    """The profile at `path` as a tomlkit document for the editor.
+
+    Raises ValueError with a message for the user when the file cannot be edited as TOML: opening
+    it anyway would show an empty form, and saving that would overwrite the user's file.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return tomlkit.parse(text)
+    except (ValueError, RecursionError) as exc:  # ParseError is a ValueError; so is a 5000-digit integer
+        detail = str(exc).split("; use sys.")[0] if isinstance(exc, ValueError) else "nested too deeply"
+        raise ValueError(f"{path}: not valid TOML ({detail}); fix it in a text editor "
+                         "(`workbench profile validate` shows where)") from None
 
 
 def problems(text: str, file: str, registry: Any) -> list[str]:

@@ -17,7 +17,8 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, Select, Static, TabbedContent, TabPane, TextArea
 
-from workbench.tui.form_model import REMOVE, Field, build_sections, format_value, get_value, parse_input, problems, set_value
+from workbench.tui.form_model import (REMOVE, Field, build_sections, format_value, get_value, load_document, parse_input,
+                                      problems, set_value)
 from workbench.tui.screens.dialogs import ConfirmDialog
 
 # Changing one of these changes which option fields exist, so the form is rebuilt.
@@ -38,7 +39,7 @@ class EditorScreen(Screen):
     def __init__(self, path: Path) -> None:
         super().__init__()
         self.path = Path(path)
-        self.doc = tomlkit.parse(self.path.read_text(encoding="utf-8-sig"))
+        self.doc = load_document(self.path)  # ValueError for a file that is not TOML: the caller says so
         self.fields: dict[str, Field] = {}
         self.dirty = False
         self._from_raw = False  # the raw view was shown, so going back to the form must re-read it

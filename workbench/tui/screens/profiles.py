@@ -106,7 +106,12 @@ class ProfilesScreen(Screen):
         if self.selected:
             from workbench.tui.screens.editor import EditorScreen
 
-            self.app.push_screen(EditorScreen(self.selected.path))
+            try:
+                editor = EditorScreen(self.selected.path)
+            except ValueError as exc:  # not TOML (or not readable): say so instead of crashing the app
+                self.notify(str(exc), severity="error", timeout=10)
+                return
+            self.app.push_screen(editor)
 
     def _ask_name(self, title: str, initial: str, then) -> None:
         def done(name: str | None) -> None:

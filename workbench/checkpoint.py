@@ -1,0 +1,493 @@
+"""Checkpoints of a run in progress, so that an interrupted run resumes where it stopped.
+
+Where: a work directory beside the output, `<output dir>.work/` (`runs/quickstart.work/` for
+`runs/quickstart`), never inside the output, which appears only when complete. The run's staging
+directory lives in it too, so a killed run leaves nothing beside the output but this one folder.
+A finished run removes it.
+
+What, each once it is done, and each what the next stage needs to go on bit for bit:
+- the dense metrics;
+- calibration after a decoder layer: the next layer's inputs (hidden states), the per-layer Grams a
+  pending group still needs, and every finished group's factors (each written once);
+- the sensitivity signals (Fisher scores).
+Allocation, assembly and saving take seconds and are redone from these, so a run interrupted
+while the compressed model is evaluated loses only that evaluation.
+
+How: each file is written under a temporary name, flushed and renamed into place; `state.json`,
+written the same way last, is the commit point. It names the files that make up the checkpoint;
+other files (an older layer's inputs, the temp file of a killed write) are deleted. A run killed
+at any instant, SIGKILL included, leaves the previous complete checkpoint.
+
+Identity: `state.json` records the profile fields that change what is computed, the workbench
+version, the model's fingerprint and device type and a hash of the calibration windows. A
+checkpoint that differs in any of them is refused, naming the difference (or, for the app's
+`resume="auto"`, discarded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from workbench import __version__
+from workbench.engine import CalibrationState
+from workbench.errors import UsageError
+from workbench.events import EventBus
+
+try:  # advisory lock: two runs writing one work directory would corrupt each other's checkpoint
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no lock
+    fcntl = None
+
+FORMAT = 1
+STATE = "state.json"
+LOCK = "lock"
+# A calibration checkpoint is written only once the work since the last one took at least this many
+# times as long as writing that one did: checkpoints then cost at most ~1/COMMIT_SPACING of the time.
+# Small and mid-size models checkpoint after every layer; where a layer computes faster than its
+# inputs can be written (a 7B model on a fast GPU), every few layers. WORKBENCH_CHECKPOINT_SPACING=0
+# checkpoints after every layer whatever it costs.
+COMMIT_SPACING = float(os.environ.get("WORKBENCH_CHECKPOINT_SPACING") or 10.0)
+
+
+def work_dir_for(target: Path) -> Path:
+    """`runs/x` → `runs/x.work`: beside the output, on the same file system, so staging can rename."""
+    target = Path(target)
+    if target.name in ("", ".."):  # "." or ".."
+        target = Path(os.path.abspath(target))
+    return target.with_name(target.name + ".work")
+
+
+def result_fields(profile) -> dict[str, Any]:
+    """The profile's fields that change what a run computes, as dotted keys, plus the version.
+
+    Evaluation and output settings are left out: they do not change the compression (dense metrics
+    are reused only for the same `[[evaluate]]` tables). The device is compared once resolved.
+    """
+    fields: dict[str, Any] = {"workbench version": __version__}
+    for section in ("model", "calibration", "compression"):
+        for key, value in dataclasses.asdict(getattr(profile, section)).items():
+            if (section, key) != ("model", "device"):
+                fields[f"{section}.{key}"] = value
+    return _plain(fields)
+
+
+def windows_hash(windows: torch.Tensor) -> str:
+    """Identifies the calibration token windows: catches a dataset file edited between runs."""
+    data = windows.detach().cpu().contiguous()
+    return hashlib.sha256(repr(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()[:32]
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return [f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now"
+            for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+
+
+# ---------------------------------------------------------------------------------- atomic files
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a directory be opened
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """Write through `write(temp_path)`, flush to disk, rename into place: complete or absent."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {"workbench": json.dumps(meta)} if meta is not None else None
+    _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    # Copied into fresh memory: tensors backed by the file could differ in alignment, and kernels
+    # that pick a code path by alignment could then round differently from the uninterrupted run.
+    return {k: v.to(device).clone() for k, v in load_file(str(path)).items()}
+
+
+def _load_meta(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {})["workbench"])
+
+
+# ---------------------------------------------------------------------------------- dataclasses of tensors
+
+
+def _flatten(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A dataclass of tensors and plain values (GroupFactors, Whitening) → tensors + JSON, field by
+    field, so fields added later are kept without touching this module."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"class": f"{type(obj).__module__}:{type(obj).__qualname__}", "fields": {}}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, torch.Tensor):
+            tensors[prefix + f.name] = value
+            meta["fields"][f.name] = {"tensor": prefix + f.name}
+        elif dataclasses.is_dataclass(value):
+            inner_tensors, inner = _flatten(value, f"{prefix}{f.name}.")
+            tensors.update(inner_tensors)
+            meta["fields"][f.name] = {"dataclass": inner}
+        else:
+            if _plain(value) != value:  # fail loudly rather than restore a different value
+                raise TypeError(f"cannot checkpoint {type(obj).__name__}.{f.name} = {value!r}")
+            meta["fields"][f.name] = {"value": value}
+    return tensors, meta
+
+
+def _unflatten(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
+    module, _, name = meta["class"].partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    values = {}
+    for key, spec in meta["fields"].items():
+        if "tensor" in spec:
+            values[key] = tensors[spec["tensor"]]
+        elif "dataclass" in spec:
+            values[key] = _unflatten(spec["dataclass"], tensors)
+        else:
+            values[key] = spec["value"]
+    init = {f.name for f in dataclasses.fields(cls) if f.init}
+    obj = cls(**{k: v for k, v in values.items() if k in init})
+    for key, value in values.items():
+        if key not in init:
+            setattr(obj, key, value)
+    return obj
+
+
+def _file_name(kind: str, key: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+    return f"{kind}-{slug}-{hashlib.sha256(key.encode()).hexdigest()[:8]}.safetensors"
+
+
+# ---------------------------------------------------------------------------------- the work directory
+
+
+class WorkDir:
+    """The work directory of one output: locked while a run uses it, committed through `state.json`."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.state: dict[str, Any] = {}  # what state.json on disk says; empty: nothing committed
+        self.resumed: list[str] = []  # what this run took from the checkpoint, for the report
+        self.finished = False
+        self._lock_fd: int | None = None
+        self._mode: bool | str = False
+        self._events = EventBus()
+        self._identity: dict[str, Any] = {}
+        self._model: dict[str, Any] = {}
+        self._windows: str | None = None
+        self._since_commit = time.monotonic()
+        self._commit_cost = 0.0
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    @classmethod
+    def acquire(cls, target: Path) -> "WorkDir":
+        """Make (or open) the work directory of `target` and lock it for this run."""
+        work = cls(work_dir_for(target))
+        try:
+            work.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(work.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UsageError(f"cannot write the work directory {work.path} beside the output "
+                             f"({exc.strerror or exc}); choose a writable [output] dir") from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise UsageError(f"another run is using {work.path} (it writes the same output directory); "
+                                 "wait for it to finish or set another [output] dir") from None
+        work._lock_fd = fd
+        return work
+
+    def close(self) -> Path | None:
+        """Unlock. Keeps a committed checkpoint (returns its path); removes a directory with none."""
+        kept = None
+        if not self.finished:
+            if not (self.path / STATE).exists():
+                shutil.rmtree(self.path, ignore_errors=True)
+            else:
+                kept = self.path
+                if self.state:  # ours: tidy it (e.g. the staging directory); a refused one is left alone
+                    self._remove_unreferenced()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        return kept
+
+    def finish(self) -> None:
+        """The output is published: the checkpoint has served its purpose."""
+        self.finished = True
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def staging_root(self) -> Path:
+        return self.path
+
+    def disk_usage(self) -> int:
+        """Bytes the checkpoint already holds (a resumed run needs that much less free space)."""
+        if not self.state:
+            return 0
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+    # -- deciding whether to resume ----------------------------------------------------------
+
+    def prepare(self, profile, resume: bool | str, force: bool, events: EventBus) -> None:
+        """Load, refuse or discard an existing checkpoint, as `resume` and `force` say.
+
+        resume=False: an existing checkpoint is refused unless `force` (which starts over);
+        resume=True: it is continued, and refused when made by a different profile;
+        resume="auto" (the app): continued when it matches, otherwise discarded.
+        """
+        self._mode, self._events = resume, events
+        self._identity = result_fields(profile)
+        saved, problem = self._read_state()
+        if saved is None and problem is None:
+            self._remove_unreferenced()  # a killed run's temp files, if any
+            if resume is True:
+                events.log("load", f"no checkpoint in {self.path}; starting from the beginning")
+            return
+        if resume is False:
+            if not force:
+                what = problem or self.describe(saved)
+                raise UsageError(f"{self.path} holds the checkpoint of an interrupted run ({what}); continue it "
+                                 f"with --resume, or start over with --force (deletes it)")
+            events.log("load", f"--force: discarding the checkpoint in {self.path}")
+            self._discard()
+            return
+        differences = [problem] if problem else _differences(saved.get("profile", {}), self._identity)
+        self._resolve(differences, saved)
+
+    def check_model(self, fingerprint: str, device_type: str) -> None:
+        """After loading: the checkpoint must come from the same weights on the same kind of device."""
+        self._model = {"model fingerprint": fingerprint, "model.device (resolved)": device_type}
+        if self.state:
+            self._resolve(_differences(self.state.get("model", {}), self._model), self.state)
+        saved_torch = self.state.get("torch")
+        if saved_torch and saved_torch != torch.__version__:
+            self._events.warn("load", f"the checkpoint was written with torch {saved_torch}, this is "
+                                      f"{torch.__version__}: the result may differ in the last bits")
+
+    def check_windows(self, windows: torch.Tensor) -> None:
+        self._windows = windows_hash(windows)
+        saved = self.state.get("calibration", {}).get("windows")
+        if saved is not None and saved != self._windows:
+            self._resolve([f"calibration.dataset: the calibration text ({self.state['profile'].get('calibration.dataset')})"
+                           " gives different token windows than when the checkpoint was made"], self.state)
+
+    def _resolve(self, differences: list[str], saved: dict[str, Any]) -> None:
+        if not differences:
+            if not self.state:
+                self.state = saved
+                self._events.log("load", f"resuming from the checkpoint in {self.path}: {self.describe(saved)}")
+            return
+        if self._mode == "auto":
+            self._events.log("load", f"the checkpoint in {self.path} does not belong to this run "
+                                     f"({differences[0]}); starting over")
+            self._discard()
+            return
+        self.state = {}  # not ours to use, nor to tidy
+        raise UsageError(f"the checkpoint in {self.path} does not belong to this run: {'; '.join(differences)}. "
+                         f"Resume with the profile and model it was made with, or start over: run without "
+                         f"--resume and with --force (discards it), or delete {self.path}")
+
+    def _read_state(self) -> tuple[dict[str, Any] | None, str | None]:
+        path = self.path / STATE
+        if not path.exists():
+            return None, None
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("format") != FORMAT:
+                return saved, f"checkpoint format {saved.get('format')!r}, this workbench writes {FORMAT}"
+            missing = [name for name in self._referenced(saved) if not (self.path / name).exists()]
+            if missing:
+                return saved, f"checkpoint files missing: {', '.join(missing[:3])}"
+            return saved, None
+        except (OSError, ValueError, AttributeError) as exc:
+            return {}, f"unreadable checkpoint ({exc})"
+
+    @staticmethod
+    def describe(state: dict[str, Any] | None) -> str:
+        if not state:
+            return "nothing done yet"
+        done = []
+        if state.get("dense"):
+            done.append("dense metrics")
+        cal = state.get("calibration")
+        if cal:
+            done.append(f"{cal['next_layer']} of {cal['layers']} layers calibrated")
+        if state.get("signals"):
+            done.append("sensitivity")
+        return ", ".join(done) or "nothing done yet"
+
+    def _discard(self) -> None:
+        self.state = {}
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path / STATE)
+        self._remove_unreferenced()
+
+    # -- committing --------------------------------------------------------------------------
+
+    @staticmethod
+    def _referenced(state: dict[str, Any]) -> set[str]:
+        names = set()
+        cal = state.get("calibration") or {}
+        names.update(cal.get("factors", {}).values())
+        names.update(cal.get("grams", {}).values())
+        if cal.get("hidden"):
+            names.add(cal["hidden"])
+        if state.get("signals"):
+            names.add(state["signals"]["file"])
+        return names
+
+    def _remove_unreferenced(self) -> None:
+        keep = self._referenced(self.state) | {STATE, LOCK}
+        for entry in self.path.iterdir():
+            if entry.name in keep:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+    def _commit(self, **changes: Any) -> None:
+        state = {**self.state, **changes, "format": FORMAT, "workbench": __version__, "torch": torch.__version__,
+                 "profile": self._identity, "model": self._model}
+        text = json.dumps(state, indent=1, default=str)
+        _write_atomically(self.path / STATE, lambda tmp: Path(tmp).write_text(text))
+        _fsync_dir(self.path)  # the renames above are durable once the directory is
+        self.state = state
+        self._remove_unreferenced()
+
+    # -- dense metrics -----------------------------------------------------------------------
+
+    @staticmethod
+    def _entries(evaluate: Sequence[Any]) -> list[dict[str, Any]]:
+        return _plain([{"evaluator": e.evaluator, "options": e.options} for e in evaluate])
+
+    def dense_results(self, evaluate: Sequence[Any]) -> list[dict[str, Any]] | None:
+        saved = self.state.get("dense")
+        if saved and saved["evaluate"] == self._entries(evaluate):
+            self.resumed.append("dense metrics")
+            return saved["results"]
+        return None
+
+    def save_dense(self, evaluate: Sequence[Any], results: list[dict[str, Any]]) -> None:
+        if any("error" in r for r in results):
+            return  # a failed evaluator is retried by a resumed run, not frozen
+        self._commit(dense={"evaluate": self._entries(evaluate), "results": _plain(results)})
+
+    # -- calibration -------------------------------------------------------------------------
+
+    def load_calibration(self, device: torch.device) -> CalibrationState | None:
+        cal = self.state.get("calibration")
+        if not cal:
+            self._since_commit = time.monotonic()
+            return None
+        factors = {}
+        for key, name in cal["factors"].items():
+            path = self.path / name
+            factors[key] = _unflatten(_load_meta(path), _load_tensors(path, device))
+        grams = {}
+        for key, name in cal["grams"].items():
+            group, _, layer = key.rpartition("@")
+            grams[(group, int(layer))] = _load_tensors(self.path / name, device)["gram"]
+        hidden = None
+        if cal["hidden"]:
+            tensors = _load_tensors(self.path / cal["hidden"], device)
+            hidden = [tensors[str(i)] for i in range(len(tensors))]
+        self.resumed.append(f"calibration ({cal['next_layer']} of {cal['layers']} layers)")
+        self._since_commit = time.monotonic()
+        return CalibrationState(cal["next_layer"], hidden, grams, factors, cal["whitening"], cal["tokens"])
+
+    def save_calibration(self, state: CalibrationState, final: bool, layers: int | None = None) -> None:
+        """Commit the calibration state after a layer; between layers only as often as COMMIT_SPACING allows."""
+        if not final and time.monotonic() - self._since_commit < COMMIT_SPACING * self._commit_cost:
+            return
+        started = time.monotonic()
+        previous = self.state.get("calibration") or {}
+        written_factors = dict(previous.get("factors", {}))
+        for key, f in state.factors.items():
+            if key not in written_factors:
+                name = _file_name("factors", key)
+                tensors, meta = _flatten(f)
+                _save_tensors(self.path / name, tensors, meta)
+                written_factors[key] = name
+        written_grams = previous.get("grams", {})
+        grams = {}
+        for (group, layer), gram in state.grams.items():
+            key = f"{group}@{layer}"
+            grams[key] = written_grams.get(key) or _file_name("gram", key)
+            if key not in written_grams:
+                _save_tensors(self.path / grams[key], {"gram": gram})
+        hidden = None
+        if state.hidden is not None:
+            hidden = f"hidden-{state.next_layer}.safetensors"
+            _save_tensors(self.path / hidden, {str(i): h for i, h in enumerate(state.hidden)})
+        self._commit(calibration={"next_layer": state.next_layer, "layers": layers or previous.get("layers"),
+                                  "windows": self._windows, "tokens": state.tokens, "whitening": _plain(state.whitening),
+                                  "factors": {k: written_factors[k] for k in state.factors}, "grams": grams,
+                                  "hidden": hidden})
+        self._since_commit = time.monotonic()
+        self._commit_cost = self._since_commit - started
+
+    # -- sensitivity -------------------------------------------------------------------------
+
+    def signals(self, names: Sequence[str]) -> dict[str, dict[str, torch.Tensor]] | None:
+        saved = self.state.get("signals")
+        if not saved or sorted(saved["index"]) != sorted(names):
+            return None
+        tensors = _load_tensors(self.path / saved["file"])
+        self.resumed.append("sensitivity")
+        return {name: {key: tensors[t] for key, t in by_key.items()} for name, by_key in saved["index"].items()}
+
+    def save_signals(self, names: Sequence[str], spectra: Sequence[Any]) -> None:
+        index: dict[str, dict[str, str]] = {}
+        tensors = {}
+        for name in names:
+            index[name] = {}
+            for spec in spectra:
+                value = spec.sensitivity.get(name)
+                if not isinstance(value, torch.Tensor):
+                    return  # a signal that is not a tensor is recomputed rather than stored
+                tensor_name = f"t{len(tensors)}"
+                tensors[tensor_name] = value
+                index[name][spec.key] = tensor_name
+        _save_tensors(self.path / "signals.safetensors", tensors)
+        self._commit(signals={"file": "signals.safetensors", "index": index})

@@ -1,0 +1,61 @@
+"""Finite-value guards: NaN or Inf anywhere in the factor path stops the run, naming where.
+
+A NaN compares false with everything, so without these checks it would slip through the loss
+check (`error > tolerance` is false for NaN) and end up in the saved model. Each guard costs one
+`isfinite` pass over tensors the engine touches anyway.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from workbench.errors import RunFailed
+from workbench.plugin_api import Site
+
+
+def _bad_count(tensor: torch.Tensor) -> int:
+    return int((~torch.isfinite(tensor)).sum())
+
+
+def check_layer_weights(layer: nn.Module, index: int, sites: Iterable[Site]) -> None:
+    """Refuse NaN/Inf in the targeted weights of decoder layer `index`, before the layer runs.
+
+    Checked first so a broken weight is named as such, not as the NaN activations it causes
+    further down the same layer.
+    """
+    for site in sites:
+        linear = layer.get_submodule(site.path)
+        for name in ("weight", "bias"):
+            tensor = getattr(linear, name, None)
+            if isinstance(tensor, torch.Tensor) and (bad := _bad_count(tensor.detach())):
+                raise RunFailed(f"layer {index}, {site.path}: NaN or Inf in the {name} ({bad} of {tensor.numel()} "
+                                "values); the model file is damaged or was saved after a diverged training step")
+
+
+def check_gram(gram: torch.Tensor, index: int, input_group: str, paths: Sequence[str]) -> None:
+    """Refuse a Gram matrix built from NaN/Inf activations (or one whose float64 sums overflowed)."""
+    if not bool(torch.isfinite(gram).all()):
+        where = f"layer {index}, input of {input_group}" + (f" ({', '.join(paths)})" if paths else "")
+        raise RunFailed(f"{where}: NaN or Inf in the calibration activations. Earlier layers produced them: "
+                        "check the model's dtype (float16 overflows where bfloat16 does not) and its weights.")
+
+
+def loss_check_failed(error: float, tolerance: float) -> bool:
+    """True when the relative loss mismatch is above `tolerance` or is not a number at all."""
+    return not error <= tolerance  # `not <=` is true for NaN, unlike `>`
+
+
+def check_factors(key: str, qs: Sequence[torch.Tensor], p: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse low-rank factors that are not finite once cast to the model's dtype.
+
+    float16 tops out at 65504: a badly conditioned whitening can give P entries beyond that even
+    when the float64 product Q·P is fine, and the model would silently compute Inf.
+    """
+    bad = _bad_count(p) + sum(_bad_count(q) for q in qs)
+    if bad:
+        limit = f" (largest finite {dtype} value: {torch.finfo(dtype).max:.4g})" if dtype.is_floating_point else ""
+        raise RunFailed(f"{key}: {bad} values of the low-rank factors are NaN or Inf in {dtype}{limit}. "
+                        "Use model.dtype = \"bfloat16\" or \"float32\", or more calibration samples.")
