@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import tiny_profile, write_text_corpus
-from workbench import checkpoint
+from workbench import checkpoint, durable_files
 from workbench.checkpoint import WorkDir, work_dir_for
 from workbench.cli import app
 from workbench.errors import Interrupted, UsageError
@@ -204,7 +204,7 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        checkpoint._write_atomically(target, half_then_interrupt)
+        durable_files.write_atomically(target, half_then_interrupt)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 
@@ -219,10 +219,10 @@ def test_group_factors_round_trip_exactly(tmp_path):
     weights = [torch.randn(8, 16, generator=g) for _ in range(2)]
     factors = whitened_svd(weights, x.T @ x, keep=6).compact(torch.float32)
     factors.whitening.fallback_reason = "a reason"
-    tensors, meta = checkpoint._flatten(factors)
-    checkpoint._save_tensors(tmp_path / "f.safetensors", tensors, meta)
-    back = checkpoint._unflatten(checkpoint._load_meta(tmp_path / "f.safetensors"),
-                                 checkpoint._load_tensors(tmp_path / "f.safetensors"))
+    tensors, meta = durable_files.flatten(factors)
+    durable_files.save_tensors(tmp_path / "f.safetensors", tensors, meta)
+    back = durable_files.unflatten(durable_files.load_meta(tmp_path / "f.safetensors"),
+                                 durable_files.load_tensors(tmp_path / "f.safetensors"))
     for name in ("singular_values", "u", "vt_linv"):
         assert torch.equal(getattr(back, name), getattr(factors, name))
         assert getattr(back, name).dtype == getattr(factors, name).dtype
@@ -243,3 +243,9 @@ def test_sigterm_asks_for_the_same_cooperative_stop_as_ctrl_c():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_checkpoint_file_cannot_name_a_class_outside_workbench():
+    meta = {"class": "subprocess:Popen", "fields": {"args": {"value": ["true"]}}}
+    with pytest.raises(ValueError, match="not a workbench class"):
+        durable_files.unflatten(meta, {})

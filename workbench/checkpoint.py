@@ -29,22 +29,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from workbench import __version__
 from workbench.engine import CalibrationState
 from workbench.errors import UsageError
+from workbench.durable_files import (flatten, fsync_dir, load_meta, load_tensors, plain, save_tensors, unflatten,
+                                     write_atomically)
 from workbench.events import EventBus
 
 try:  # advisory lock: two runs writing one work directory would corrupt each other's checkpoint
@@ -82,7 +81,7 @@ def result_fields(profile) -> dict[str, Any]:
         for key, value in dataclasses.asdict(getattr(profile, section)).items():
             if (section, key) != ("model", "device"):
                 fields[f"{section}.{key}"] = value
-    return _plain(fields)
+    return plain(fields)
 
 
 def windows_hash(windows: torch.Tensor) -> str:
@@ -91,102 +90,9 @@ def windows_hash(windows: torch.Tensor) -> str:
     return hashlib.sha256(repr(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()[:32]
 
 
-def _plain(value: Any) -> Any:
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return [f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now"
             for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
-
-
-# ---------------------------------------------------------------------------------- atomic files
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every file system lets a directory be opened
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """Write through `write(temp_path)`, flush to disk, rename into place: complete or absent."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    metadata = {"workbench": json.dumps(meta)} if meta is not None else None
-    _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def _load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    # Copied into fresh memory: tensors backed by the file could differ in alignment, and kernels
-    # that pick a code path by alignment could then round differently from the uninterrupted run.
-    return {k: v.to(device).clone() for k, v in load_file(str(path)).items()}
-
-
-def _load_meta(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {})["workbench"])
-
-
-# ---------------------------------------------------------------------------------- dataclasses of tensors
-
-
-def _flatten(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A dataclass of tensors and plain values (GroupFactors, Whitening) → tensors + JSON, field by
-    field, so fields added later are kept without touching this module."""
-    tensors: dict[str, torch.Tensor] = {}
-    meta: dict[str, Any] = {"class": f"{type(obj).__module__}:{type(obj).__qualname__}", "fields": {}}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if isinstance(value, torch.Tensor):
-            tensors[prefix + f.name] = value
-            meta["fields"][f.name] = {"tensor": prefix + f.name}
-        elif dataclasses.is_dataclass(value):
-            inner_tensors, inner = _flatten(value, f"{prefix}{f.name}.")
-            tensors.update(inner_tensors)
-            meta["fields"][f.name] = {"dataclass": inner}
-        else:
-            if _plain(value) != value:  # fail loudly rather than restore a different value
-                raise TypeError(f"cannot checkpoint {type(obj).__name__}.{f.name} = {value!r}")
-            meta["fields"][f.name] = {"value": value}
-    return tensors, meta
-
-
-def _unflatten(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
-    module, _, name = meta["class"].partition(":")
-    cls = getattr(importlib.import_module(module), name)
-    values = {}
-    for key, spec in meta["fields"].items():
-        if "tensor" in spec:
-            values[key] = tensors[spec["tensor"]]
-        elif "dataclass" in spec:
-            values[key] = _unflatten(spec["dataclass"], tensors)
-        else:
-            values[key] = spec["value"]
-    init = {f.name for f in dataclasses.fields(cls) if f.init}
-    obj = cls(**{k: v for k, v in values.items() if k in init})
-    for key, value in values.items():
-        if key not in init:
-            setattr(obj, key, value)
-    return obj
 
 
 def _file_name(kind: str, key: str) -> str:
@@ -390,8 +296,8 @@ class WorkDir:
         state = {**self.state, **changes, "format": FORMAT, "workbench": __version__, "torch": torch.__version__,
                  "profile": self._identity, "model": self._model}
         text = json.dumps(state, indent=1, default=str)
-        _write_atomically(self.path / STATE, lambda tmp: Path(tmp).write_text(text))
-        _fsync_dir(self.path)  # the renames above are durable once the directory is
+        write_atomically(self.path / STATE, lambda tmp: Path(tmp).write_text(text))
+        fsync_dir(self.path)  # the renames above are durable once the directory is
         self.state = state
         self._remove_unreferenced()
 
@@ -399,7 +305,7 @@ class WorkDir:
 
     @staticmethod
     def _entries(evaluate: Sequence[Any]) -> list[dict[str, Any]]:
-        return _plain([{"evaluator": e.evaluator, "options": e.options} for e in evaluate])
+        return plain([{"evaluator": e.evaluator, "options": e.options} for e in evaluate])
 
     def dense_results(self, evaluate: Sequence[Any]) -> list[dict[str, Any]] | None:
         saved = self.state.get("dense")
@@ -411,7 +317,7 @@ class WorkDir:
     def save_dense(self, evaluate: Sequence[Any], results: list[dict[str, Any]]) -> None:
         if any("error" in r for r in results):
             return  # a failed evaluator is retried by a resumed run, not frozen
-        self._commit(dense={"evaluate": self._entries(evaluate), "results": _plain(results)})
+        self._commit(dense={"evaluate": self._entries(evaluate), "results": plain(results)})
 
     # -- calibration -------------------------------------------------------------------------
 
@@ -423,14 +329,14 @@ class WorkDir:
         factors = {}
         for key, name in cal["factors"].items():
             path = self.path / name
-            factors[key] = _unflatten(_load_meta(path), _load_tensors(path, device))
+            factors[key] = unflatten(load_meta(path), load_tensors(path, device))
         grams = {}
         for key, name in cal["grams"].items():
             group, _, layer = key.rpartition("@")
-            grams[(group, int(layer))] = _load_tensors(self.path / name, device)["gram"]
+            grams[(group, int(layer))] = load_tensors(self.path / name, device)["gram"]
         hidden = None
         if cal["hidden"]:
-            tensors = _load_tensors(self.path / cal["hidden"], device)
+            tensors = load_tensors(self.path / cal["hidden"], device)
             hidden = [tensors[str(i)] for i in range(len(tensors))]
         self.resumed.append(f"calibration ({cal['next_layer']} of {cal['layers']} layers)")
         self._since_commit = time.monotonic()
@@ -446,8 +352,8 @@ class WorkDir:
         for key, f in state.factors.items():
             if key not in written_factors:
                 name = _file_name("factors", key)
-                tensors, meta = _flatten(f)
-                _save_tensors(self.path / name, tensors, meta)
+                tensors, meta = flatten(f)
+                save_tensors(self.path / name, tensors, meta)
                 written_factors[key] = name
         written_grams = previous.get("grams", {})
         grams = {}
@@ -455,13 +361,13 @@ class WorkDir:
             key = f"{group}@{layer}"
             grams[key] = written_grams.get(key) or _file_name("gram", key)
             if key not in written_grams:
-                _save_tensors(self.path / grams[key], {"gram": gram})
+                save_tensors(self.path / grams[key], {"gram": gram})
         hidden = None
         if state.hidden is not None:
             hidden = f"hidden-{state.next_layer}.safetensors"
-            _save_tensors(self.path / hidden, {str(i): h for i, h in enumerate(state.hidden)})
+            save_tensors(self.path / hidden, {str(i): h for i, h in enumerate(state.hidden)})
         self._commit(calibration={"next_layer": state.next_layer, "layers": layers or previous.get("layers"),
-                                  "windows": self._windows, "tokens": state.tokens, "whitening": _plain(state.whitening),
+                                  "windows": self._windows, "tokens": state.tokens, "whitening": plain(state.whitening),
                                   "factors": {k: written_factors[k] for k in state.factors}, "grams": grams,
                                   "hidden": hidden})
         self._since_commit = time.monotonic()
@@ -473,7 +379,7 @@ class WorkDir:
         saved = self.state.get("signals")
         if not saved or sorted(saved["index"]) != sorted(names):
             return None
-        tensors = _load_tensors(self.path / saved["file"])
+        tensors = load_tensors(self.path / saved["file"])
         self.resumed.append("sensitivity")
         return {name: {key: tensors[t] for key, t in by_key.items()} for name, by_key in saved["index"].items()}
 
@@ -489,5 +395,5 @@ class WorkDir:
                 tensor_name = f"t{len(tensors)}"
                 tensors[tensor_name] = value
                 index[name][spec.key] = tensor_name
-        _save_tensors(self.path / "signals.safetensors", tensors)
+        save_tensors(self.path / "signals.safetensors", tensors)
         self._commit(signals={"file": "signals.safetensors", "index": index})
