@@ -274,3 +274,52 @@ def test_failing_evaluators_are_named_the_others_run_and_the_model_is_saved(run_
     assert by_name["wb-exiter"]["dense"] == 2.0 and "SystemExit" in by_name["wb-exiter"]["error"]
     assert by_name["wb-raiser"]["compressed"] == 1.0 and "dense side exploded" in by_name["wb-raiser"]["error"]
     assert (out / "model" / "model.safetensors").exists() and (out / "report.md").exists()
+
+
+_BAD_ADAPTERS = """
+from workbench.hookspecs import hookimpl
+from workbench_adapters.llama import LlamaAdapter
+
+class SitesRaise(LlamaAdapter):
+    name = "wb-bad-sites"
+    priority = 1000
+    def sites(self, model):
+        raise KeyError("self_attn")
+
+@hookimpl
+def register_adapters(register):
+    register(SitesRaise())
+"""
+
+
+def test_an_adapter_that_raises_is_named_and_the_run_exits_1(tmp_path, monkeypatch, fresh_registry, tiny_workspace):
+    _install_fake(tmp_path, monkeypatch, "wb_adapters_bad", "0.2", _BAD_ADAPTERS)
+    out = tmp_path / "out"
+    path = tmp_path / "p.toml"
+    path.write_text(_profile(tiny_workspace, out))
+    result = runner.invoke(app, ["run", str(path), "--log-format", "plain"])
+    assert result.exit_code == 1, result.output
+    assert "adapter 'wb-bad-sites' failed while listing the decoder layers and their matrices: KeyError" in result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_an_adapter_that_fails_to_replace_a_module_is_named(tiny_workspace):
+    from conftest import tiny_llama
+    from workbench.engine import assemble, calibrate
+    from workbench.events import CancelToken, EventBus
+    from workbench.grouping import plan_groups
+
+    registry = load_registry(strict=True)
+    model = tiny_llama()
+    adapter = registry.adapter_for(model)
+    plans = plan_groups(model, adapter, ["q_proj"], [], 1)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    cal = calibrate(model, adapter, plans, ids, torch.device("cpu"), EventBus(), CancelToken())
+
+    class Refuses(type(adapter)):
+        def replace_module(self, parent, path, module):
+            raise AttributeError("read-only module tree")
+
+    with pytest.raises(PluginError, match=r"adapter 'llama' failed while replacing self_attn.q_proj in layer 0: "
+                                          r"AttributeError: read-only module tree"):
+        assemble(model, Refuses(), plans, cal.factors, {s.key: 2 for s in cal.spectra}, cal.spectra)

@@ -10,7 +10,7 @@ from torch import nn
 
 from workbench.allocation import check_allocation
 from workbench.calibration import GramAccumulator, capture_layer_inputs, run_layer
-from workbench.errors import RunFailed
+from workbench.errors import RunFailed, blame
 from workbench.events import CancelToken, EventBus
 from workbench.factorize import GroupFactors, measured_loss, predicted_loss, whitened_svd
 from workbench.grouping import GroupPlan, module_prefix
@@ -203,6 +203,7 @@ def assemble(model: nn.Module, adapter: Adapter, plans: Sequence[GroupPlan], fac
             new.coef = nn.Parameter(q.to(device), requires_grad=False)
             if old.bias is not None:
                 new.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)
-            adapter.replace_module(layers[i], plan.site.path, new)
+            with blame(f"adapter '{adapter.name}'", f"replacing {plan.site.path} in layer {i}"):
+                adapter.replace_module(layers[i], plan.site.path, new)
         del factors[plan.key]  # free the float64 factors as soon as they are used
     return table

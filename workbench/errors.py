@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -71,3 +72,17 @@ class Interrupted(WorkbenchError):
     """The run was cancelled (Ctrl-C, SIGTERM, the app's cancel) at a safe point."""
 
     exit_code = ExitCode.INTERRUPTED
+
+
+@contextmanager
+def blame(culprit: str, doing: str):
+    """Turn an unexpected error (or sys.exit) inside a plugin's code into a PluginError naming it.
+
+    `culprit` says whose code runs ("adapter 'llama'"), `doing` what it was asked to do.
+    """
+    try:
+        yield
+    except (WorkbenchError, KeyboardInterrupt):
+        raise
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - contained and named
+        raise PluginError(f"{culprit} failed while {doing}: {type(exc).__name__}: {exc}") from exc

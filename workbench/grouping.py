@@ -8,7 +8,7 @@ from typing import Callable, Mapping, Sequence, Union
 
 from torch import nn
 
-from workbench.errors import PluginError, UsageError
+from workbench.errors import PluginError, UsageError, blame
 from workbench.plugin_api import Adapter, Site, nearest
 
 
@@ -64,7 +64,8 @@ def group_size_of(model: nn.Module, adapter: Adapter, matrix_type: str, lookup: 
     """The profile's size for `matrix_type` where it sets one, else the adapter's default."""
     size = lookup(matrix_type)
     if size is None:
-        size = adapter.default_group_size(model, matrix_type)
+        with blame(f"adapter '{adapter.name}'", f"giving the default group size of {matrix_type}"):
+            size = adapter.default_group_size(model, matrix_type)
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise PluginError(f"adapter '{adapter.name}' gave group size {size!r} for {matrix_type};"
                               " expected an integer >= 1")
@@ -78,12 +79,14 @@ def plan_groups(model: nn.Module, adapter: Adapter, targets: Sequence[str] | Non
     `group_size` is the profile's `compression.group_size` (or a function of the matrix type);
     wherever it gives no size, the adapter's `default_group_size` applies.
     """
-    layers = adapter.decoder_layers(model)
+    with blame(f"adapter '{adapter.name}'", "listing the decoder layers and their matrices"):
+        layers = adapter.decoder_layers(model)
+        sites = adapter.sites(model)
+        default_targets = adapter.default_targets(model) if targets is None else None
     prefix = module_prefix(model, layers)
-    sites = adapter.sites(model)
     types = [s.matrix_type for s in sites]
     size_for = _size_lookup(group_size, types)
-    targets = list(targets) if targets is not None else adapter.default_targets(model)
+    targets = list(targets) if targets is not None else list(default_targets)
     for pattern in targets:
         if not pattern.startswith("re:") and pattern not in types and not any(
             pattern == f"{prefix}.{i}.{s.path}" for i in range(len(layers)) for s in sites

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from workbench.errors import UsageError
+from workbench.errors import UsageError, blame
 from workbench.lowrank import LowRankLinear
 from workbench.plugin_api import Adapter
 
@@ -104,14 +104,16 @@ def load_compressed(path, device: str = "cpu", dtype: torch.dtype | None = None)
     saved_dtype = getattr(torch, manifest["dtype"])
     config = AutoConfig.from_pretrained(str(directory))
     adapter = _saved_adapter(manifest)
-    model = adapter.build_model(config, saved_dtype)
+    with blame(f"adapter '{adapter.name}'", f"building the model of {directory}"):
+        model = adapter.build_model(config, saved_dtype)
     state = load_file(str(directory / "model.safetensors"))
     for group in manifest["groups"]:
         basis = nn.Parameter(state.pop(BASIS_PREFIX + group["group"]), requires_grad=False)
         for name in group["modules"]:
             module = LowRankLinear(group["in"], group["out"], group["rank"], bias=manifest["biases"].get(name, False),
                                    basis=basis, dtype=saved_dtype)
-            adapter.replace_module(model, name, module)
+            with blame(f"adapter '{adapter.name}'", f"replacing {name}"):
+                adapter.replace_module(model, name, module)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith(".basis") and m not in manifest["tied"]]
     if missing or unexpected:
