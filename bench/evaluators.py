@@ -26,16 +26,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parameter_bytes(model: torch.nn.Module) -> int:
-    # Shared parameters (a tied lm_head, a group's basis) count once, as they are stored once.
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
-    return total
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
@@ -55,6 +45,7 @@ def main() -> None:
     from workbench.plugin_api import EvalContext
     from workbench.plugins import load_registry
     from workbench.sensitivity import attach_signals
+    from workbench_evaluators.memory import tensor_totals
     from workbench_evaluators.perplexity import perplexity
     from workbench_evaluators.throughput import measure_throughput
 
@@ -72,7 +63,7 @@ def main() -> None:
         with torch.inference_mode():
             ppl = perplexity(model, eval_ids, 512, max_windows=16, device="cpu")["perplexity"]
         choice = registry.evaluators["choice"].evaluate(model, tok, {"n": args.choice_n, "seed": 0, "batch_size": 16}, ctx)
-        return {"perplexity": ppl, "choice_accuracy": choice.value, "parameter_bytes": parameter_bytes(model)}
+        return {"perplexity": ppl, "choice_accuracy": choice.value, "parameter_bytes": tensor_totals(model.parameters())[1]}
 
     t0 = time.perf_counter()
     windows = calibration_windows(tok, "embedded:wiki-vital", 32, 512, 0)

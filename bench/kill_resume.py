@@ -38,34 +38,13 @@ MARKER = "earlier-output.txt"
 
 def tiny_profile(root: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import save_tiny_model, write_text_corpus
+    from conftest import save_tiny_model, tiny_profile, write_text_corpus
 
     save_tiny_model(root / "tiny-llama", layers=6)
     write_text_corpus(root / "corpus.txt")
     path = root / "tiny.toml"
-    path.write_text(f"""
-name = "kill-resume"
-[model]
-source = "{root / 'tiny-llama'}"
-device = "cpu"
-[calibration]
-dataset = "{root / 'corpus.txt'}"
-samples = 16
-seq_len = 32
-[compression]
-ratio = 0.3
-group_size = 2
-allocator = "loss-aware"
-[compression.allocator_options]
-fisher_windows = 4
-[[evaluate]]
-evaluator = "perplexity"
-dataset = "{root / 'corpus.txt'}"
-seq_len = 32
-max_windows = 4
-[output]
-dir = "{root / 'unused'}"
-""")
+    path.write_text(tiny_profile(root, root / "unused", ratio=0.3, group_size=2, samples=16, allocator="loss-aware",
+                                 allocator_options="fisher_windows = 4\n"))
     return path
 
 

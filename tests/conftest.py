@@ -108,7 +108,12 @@ def tiny_workspace(tmp_path_factory):
     return root
 
 
-def tiny_profile(root, out, ratio=0.3, group_size=1, extra: str = "") -> str:
+def tiny_profile(root, out, ratio=0.3, group_size=1, extra: str = "", *, samples: int = 8,
+                 allocator: str | None = None, allocator_options: str = "") -> str:
+    """A profile of the tiny model in `root` (see tiny_workspace); `allocator_options` is TOML lines."""
+    chosen = f'allocator = "{allocator}"\n' if allocator else ""
+    if allocator_options:
+        chosen += f"[compression.allocator_options]\n{allocator_options}"
     return f"""
 name = "tiny"
 [model]
@@ -116,12 +121,12 @@ source = "{root / 'tiny-llama'}"
 device = "cpu"
 [calibration]
 dataset = "{root / 'corpus.txt'}"
-samples = 8
+samples = {samples}
 seq_len = 32
 [compression]
 ratio = {ratio}
 group_size = {group_size}
-[[evaluate]]
+{chosen}[[evaluate]]
 evaluator = "perplexity"
 dataset = "{root / 'corpus.txt'}"
 seq_len = 32

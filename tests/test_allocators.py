@@ -242,8 +242,7 @@ def test_loss_aware_runs_from_a_profile_with_its_signal_stage(tiny_workspace, tm
     from workbench.cli import app
 
     out = tmp_path / "out"
-    text = tiny_profile(tiny_workspace, out, ratio=0.4).replace(
-        "group_size = 1\n", 'group_size = 1\nallocator = "loss-aware"\n[compression.allocator_options]\nfisher_windows = 3\n')
+    text = tiny_profile(tiny_workspace, out, ratio=0.4, allocator="loss-aware", allocator_options="fisher_windows = 3\n")
     (tmp_path / "p.toml").write_text(text)
     result = CliRunner().invoke(app, ["run", str(tmp_path / "p.toml"), "--log-format", "json"])
     assert result.exit_code == 0, result.output

@@ -42,8 +42,7 @@ def test_example_plugin_installs_and_runs_from_a_profile(installed_example, tiny
     assert registry.describe("allocator", "depth-ramp") == "allocator 'depth-ramp' from workbench-depth-ramp 0.1.0"
 
     out = tmp_path / "out"
-    text = tiny_profile(tiny_workspace, out, ratio=0.3).replace(
-        "group_size = 1\n", 'group_size = 1\nallocator = "depth-ramp"\n[compression.allocator_options]\nslope = 0.6\n')
+    text = tiny_profile(tiny_workspace, out, ratio=0.3, allocator="depth-ramp", allocator_options="slope = 0.6\n")
     profile = tmp_path / "p.toml"
     profile.write_text(text)
     result = CliRunner().invoke(app, ["run", str(profile), "--log-format", "plain"])

@@ -240,7 +240,7 @@ def run_plugins(tmp_path, monkeypatch, fresh_registry):
 
 
 def _profile(root, out, allocator="uniform", extra=""):
-    return tiny_profile(root, out, extra=extra).replace("group_size = 1\n", f'group_size = 1\nallocator = "{allocator}"\n')
+    return tiny_profile(root, out, extra=extra, allocator=allocator)
 
 
 @pytest.mark.parametrize("allocator,message", [

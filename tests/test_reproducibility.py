@@ -13,7 +13,7 @@ def test_two_runs_give_identical_ranks_and_model_files(tiny_workspace, tmp_path)
     results = []
     for name in ("first", "second"):
         out = tmp_path / name
-        text = tiny_profile(tiny_workspace, out, group_size=2).replace("group_size = 2\n", 'group_size = 2\nallocator = "loss-aware"\n')
+        text = tiny_profile(tiny_workspace, out, group_size=2, allocator="loss-aware")
         run(parse_profile(text))
         files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted((out / "model").rglob("*")) if p.is_file()}
         results.append((json.loads((out / "report.json").read_text())["ranks"], files))

@@ -28,7 +28,7 @@ from workbench.plugin_api import EvalContext
 from workbench.preflight import check as preflight_check, estimate, shapes_of
 from workbench.report_md import render_report_md
 from workbench.resources import count_parameters, current_memory, peak_memory
-from workbench.sensitivity import attach_signals, signal_window_count
+from workbench.sensitivity import attach_signals, put_signals, signal_window_count
 
 
 class _Timer:
@@ -178,8 +178,7 @@ def _run(profile, work: WorkDir, target: Path, *, force: bool, events: EventBus 
                                windows[:signal_windows], loaded.device, events, cancel)
                 work.save_signals(allocator.needs, calibrated.spectra)
             else:
-                for spec in calibrated.spectra:
-                    spec.sensitivity = {**spec.sensitivity, **{n: v[spec.key] for n, v in saved_signals.items()}}
+                put_signals(calibrated.spectra, saved_signals)
                 events.log("sensitivity", "signals taken from the checkpoint")
         cancel.check()
 
@@ -261,11 +260,10 @@ def run_safely(*args, **kwargs) -> dict[str, Any]:
         return run(*args, **kwargs)
     except (WorkbenchError, KeyboardInterrupt):
         raise
-    except torch.cuda.OutOfMemoryError as exc:
-        failed = RunFailed(f"out of GPU memory: {exc}. Lower calibration.samples or use a smaller dtype.")
-        failed.checkpoint = getattr(exc, "checkpoint", None)
-        raise failed from exc
     except Exception as exc:  # noqa: BLE001
-        failed = RunFailed(f"{type(exc).__name__}: {exc}")
-        failed.checkpoint = getattr(exc, "checkpoint", None)
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            failed = RunFailed(f"out of GPU memory: {exc}. Lower calibration.samples or use a smaller dtype.")
+        else:
+            failed = RunFailed(f"{type(exc).__name__}: {exc}")
+        failed.checkpoint = getattr(exc, "checkpoint", None)  # where the CLI says to --resume from
         raise failed from exc

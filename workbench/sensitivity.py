@@ -87,9 +87,13 @@ def attach_signals(names: Sequence[str], spectra: Sequence[GroupSpectrum], model
     for name in names:
         if name not in SIGNALS:
             raise ValueError(f"unknown signal '{name}' (known: {', '.join(SIGNALS)})")
-        scores = fisher_scores(model, adapter, plans, factors, windows, device, events, cancel)
-        for spec in spectra:
-            spec.sensitivity = {**spec.sensitivity, name: scores[spec.key]}
+        put_signals(spectra, {name: fisher_scores(model, adapter, plans, factors, windows, device, events, cancel)})
+
+
+def put_signals(spectra: Sequence[GroupSpectrum], signals: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Give every spectrum its value of each signal ({signal: {group key: tensor}})."""
+    for spec in spectra:
+        spec.sensitivity = {**spec.sensitivity, **{name: by_key[spec.key] for name, by_key in signals.items()}}
 
 
 def signal_window_count(options, available: int) -> int:
