@@ -3,7 +3,7 @@
     .venv/bin/python bench/kill_resume.py --kills 30 --seed 0 [--profile PROFILE] [--dir DIR]
 
 First one uninterrupted run. Then, per kill point: `workbench run PROFILE --force --log-format json`
-(as `python -m workbench.cli`) into an output directory holding only a marker file; the JSON
+(as `python -m workbench.cli`) into an output directory holding only the marker of a workbench output; the JSON
 events are read as they come and, after a randomly chosen event plus a random delay (seeded), the
 process gets SIGINT, SIGTERM or SIGKILL, in turn. The output directory must then hold exactly the
 marker (and nothing else may appear beside it but the `.work` checkpoint directory). The run is
@@ -33,7 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
-MARKER = "earlier-output.txt"
+# An earlier output: --force replaces only a workbench output, which this marker makes it.
+MARKER = ".workbench-output"
 
 
 def tiny_profile(root: Path) -> Path:
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         after_event, delay = rng.randrange(events), rng.choice((0.0, 0.0, rng.uniform(0, 0.05)))
         out = scratch / f"killed-{k}"
         out.mkdir()
-        (out / MARKER).write_text("an earlier run's output")
+        (out / MARKER).write_text(json.dumps({"kind": "output", "note": "an earlier run's output"}))
         code, stage, last, err = run_and_kill(profile, out, scratch, after_event, delay, sig)
         by_signal[sig.name] += 1
         where = f"kill {k} ({sig.name} after event {after_event}, +{delay * 1000:.0f} ms)"

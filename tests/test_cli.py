@@ -67,9 +67,15 @@ def test_existing_output_is_refused_then_replaced_with_force(tiny_workspace, tmp
     assert result.exit_code == 2
     assert "already exists" in result.output and "--force" in result.output
     assert (out / "keep.txt").read_text() == "precious"
+    # --force replaces only a workbench output: this folder is the user's (tests/test_hardening_storage.py)
+    result = runner.invoke(app, ["run", str(path), "--force"])
+    assert result.exit_code == 2 and "not a workbench output" in result.output
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    (out / "report.json").write_text(json.dumps({"workbench_version": "0"}))  # an older run's output
     result = runner.invoke(app, ["run", str(path), "--force", "--log-format", "json"])
     assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and (out / "report.json").exists()
+    assert json.loads((out / "report.json").read_text())["workbench_version"] != "0"
     kinds = {json.loads(line)["kind"] for line in result.output.splitlines() if line.startswith("{")}
     assert {"stage_start", "progress", "stage_end"} <= kinds
 
@@ -86,7 +92,7 @@ def test_output_option_overrides_profile(tiny_workspace, tmp_path):
 def test_interrupt_leaves_output_as_it_was(tiny_workspace, tmp_path, stage):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("old result")
+    (out / "report.json").write_text('{"workbench_version": "old result"}')  # an earlier run's output
     profile = parse_profile(tiny_profile(tiny_workspace, out))
     cancel = CancelToken()
 
@@ -96,7 +102,8 @@ def test_interrupt_leaves_output_as_it_was(tiny_workspace, tmp_path, stage):
 
     with pytest.raises(Interrupted):
         run(profile, force=True, events=EventBus([listener]), cancel=cancel)
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]
+    assert "old result" in (out / "report.json").read_text()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 

@@ -123,7 +123,7 @@ def test_cancel_mid_run_leaves_output_as_it_was(tiny_workspace, tmp_path, monkey
     out = tmp_path / "runs/tiny"
     (tmp_path / "profiles/tiny.toml").write_text(tiny_profile(tiny_workspace, out))
     out.mkdir(parents=True)
-    (out / "report.json").write_text(json.dumps({"profile_name": "earlier"}))
+    (out / "report.json").write_text(json.dumps({"profile_name": "earlier", "workbench_version": "0"}))
     before = sorted(p.name for p in out.parent.iterdir()), (out / "report.json").read_text()
     # Slow each calibrated layer down so the cancel lands in calibration on any machine.
     import time

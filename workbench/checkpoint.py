@@ -15,8 +15,13 @@ while the compressed model is evaluated loses only that evaluation.
 
 How: each file is written under a temporary name, flushed and renamed into place; `state.json`,
 written the same way last, is the commit point. It names the files that make up the checkpoint;
-other files (an older layer's inputs, the temp file of a killed write) are deleted. A run killed
-at any instant, SIGKILL included, leaves the previous complete checkpoint.
+other files this module writes (an older layer's inputs, the temp file of a killed write) are
+deleted. A run killed at any instant, SIGKILL included, leaves the previous complete checkpoint.
+
+Ownership: the folder is made with a marker file, `.workbench-work`, in it. An existing folder
+without one (nor, from older versions, a workbench `state.json` or a lone `lock`) is refused, not
+used: it was not made by workbench. Even in its own folder workbench deletes only the names it
+writes (`_ours`); anything else is left, with a warning, and keeps the folder from being removed.
 
 Identity: `state.json` records the profile fields that change what is computed, the workbench
 version, the model's fingerprint and device type and a hash of the calibration windows. A
@@ -54,6 +59,10 @@ except ImportError:  # pragma: no cover - Windows: no lock
 FORMAT = 1
 STATE = "state.json"
 LOCK = "lock"
+MARKER = ".workbench-work"  # written first into a work directory workbench makes: it is ours
+# The names this module writes (besides STATE, LOCK, MARKER): nothing else is ever deleted.
+_CHECKPOINT_FILE = re.compile(r"(?:(?:factors|gram)-[A-Za-z0-9_.-]*-[0-9a-f]{8}|hidden-\d+|signals)\.safetensors")
+_TEMP_FILE = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp")  # durable_files.write_atomically's temp names
 # A calibration checkpoint is written only once the work since the last one took at least this many
 # times as long as writing that one did: checkpoints then cost at most ~1/COMMIT_SPACING of the time.
 # Small and mid-size models checkpoint after every layer; where a layer computes faster than its
@@ -124,10 +133,21 @@ class WorkDir:
 
     @classmethod
     def acquire(cls, target: Path) -> "WorkDir":
-        """Make (or open) the work directory of `target` and lock it for this run."""
+        """Make (or open) the work directory of `target` and lock it for this run.
+
+        An existing folder that workbench did not make is refused (UsageError), never used: using it
+        would mean deleting files in it.
+        """
         work = cls(work_dir_for(target))
         try:
-            work.path.mkdir(parents=True, exist_ok=True)
+            work.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                work.path.mkdir()
+            except FileExistsError:
+                work._check_ours()
+            if not (work.path / MARKER).is_file():
+                marker = json.dumps({"workbench": __version__, "kind": "work directory", "output": Path(target).name})
+                write_atomically(work.path / MARKER, lambda tmp: Path(tmp).write_text(marker))
             fd = os.open(work.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise UsageError(f"cannot write the work directory {work.path} beside the output "
@@ -147,7 +167,7 @@ class WorkDir:
         kept = None
         if not self.finished:
             if not (self.path / STATE).exists():
-                shutil.rmtree(self.path, ignore_errors=True)
+                self._remove_ours()
             else:
                 kept = self.path
                 if self.state:  # ours: tidy it (e.g. the staging directory); a refused one is left alone
@@ -160,7 +180,82 @@ class WorkDir:
     def finish(self) -> None:
         """The output is published: the checkpoint has served its purpose."""
         self.finished = True
-        shutil.rmtree(self.path, ignore_errors=True)
+        self._remove_ours()
+
+    # -- what is ours ------------------------------------------------------------------------
+
+    def _ours(self, entry: Path) -> bool:
+        """Whether `entry` (in the work directory) has a name workbench writes there: the only
+        entries it ever deletes. Anything else is a user's, whatever the folder."""
+        name = entry.name
+        if entry.is_symlink():
+            return False
+        if entry.is_dir():  # the run's staging directory (outputs.StagedOutput, made with mkdtemp)
+            target = self.path.name[:-len(".work")] if self.path.name.endswith(".work") else ""
+            return re.fullmatch(rf"\.{re.escape(target) if target else '.+'}\.partial-[A-Za-z0-9_]+", name) is not None
+        if name in (STATE, LOCK, MARKER) or _CHECKPOINT_FILE.fullmatch(name):
+            return True
+        temp = _TEMP_FILE.fullmatch(name)
+        if temp is None:
+            return False
+        return temp["name"] in (STATE, MARKER) or _CHECKPOINT_FILE.fullmatch(temp["name"]) is not None
+
+    def _check_ours(self) -> None:
+        """Refuse an existing `<output>.work` that workbench did not make."""
+        if not self.path.is_dir():
+            raise UsageError(f"{self.path} is in the way of the run's work directory (it is not a folder); "
+                             "move it away or choose another [output] dir")
+        if (self.path / MARKER).is_file():
+            return
+        entries = sorted(self.path.iterdir())
+        if not entries:
+            return  # empty: nothing in it to lose
+        names = {e.name for e in entries}
+        if STATE in names and self._legacy_state():
+            return  # made by an older workbench, before the marker
+        if LOCK in names and all(self._ours(e) for e in entries):
+            return  # ditto, killed before its first checkpoint
+        foreign = [e.name for e in entries if not self._ours(e)] or [e.name for e in entries]
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise UsageError(f"{self.path} already exists and was not made by workbench (it holds {shown}); workbench "
+                         f"keeps its checkpoints in that folder and would delete files there. Move the folder away, "
+                         f"or choose another [output] dir")
+
+    def _legacy_state(self) -> bool:
+        try:
+            saved = json.loads((self.path / STATE).read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(saved, dict) and "format" in saved and "workbench" in saved and "profile" in saved
+
+    def _delete(self, entry: Path) -> None:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+
+    def _remove_ours(self) -> None:
+        """Delete what workbench wrote here, then the folder if that leaves it empty; warn about the rest."""
+        with contextlib.suppress(FileNotFoundError):
+            left = []
+            for entry in self.path.iterdir():
+                if entry.name in (LOCK, MARKER):
+                    continue  # last: they say the folder is ours while anything else is in it
+                if self._ours(entry):
+                    self._delete(entry)
+                else:
+                    left.append(entry.name)
+            if left:
+                self._events.warn("save", f"{self.path} is kept: it holds {', '.join(sorted(left)[:5])}"
+                                          f"{' and more' if len(left) > 5 else ''}, which workbench did not write; "
+                                          f"move what you need and delete the folder")
+                return
+            for name in (LOCK, MARKER):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path / name)
+            with contextlib.suppress(OSError):
+                self.path.rmdir()  # fails, and leaves it, if something appeared meanwhile
 
     def staging_root(self) -> Path:
         return self.path
@@ -282,15 +377,11 @@ class WorkDir:
         return names
 
     def _remove_unreferenced(self) -> None:
-        keep = self._referenced(self.state) | {STATE, LOCK}
+        """Delete the files workbench wrote here that the checkpoint no longer names (only those)."""
+        keep = self._referenced(self.state) | {STATE, LOCK, MARKER}
         for entry in self.path.iterdir():
-            if entry.name in keep:
-                continue
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    entry.unlink()
+            if entry.name not in keep and self._ours(entry):
+                self._delete(entry)
 
     def _commit(self, **changes: Any) -> None:
         state = {**self.state, **changes, "format": FORMAT, "workbench": __version__, "torch": torch.__version__,

@@ -7,6 +7,11 @@ each load (about a second), not cached.
 GGUF files are de-quantised once (about 30 s) and cached as a plain safetensors checkpoint under
 `cache_dir()/models`, so later loads take seconds. Nothing here prints: progress goes to the
 optional `EventBus`.
+
+No code from a model folder is ever run: every transformers call passes `trust_remote_code=False`
+(so transformers never asks "run the custom code? [y/N]"), and a `config.json` or
+`tokenizer_config.json` with an `auto_map` is refused before transformers sees it
+(`refuse_remote_code`).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ MULTI_HEAD_COPIES = {
 MARKER = ".workbench-complete.json"
 _CACHE_FORMAT = 1
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+# Files whose `auto_map` would make transformers import Python code shipped with the model.
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
 
 
 @dataclass
@@ -181,12 +188,14 @@ def _load_hub(repo_id: str, dtype: torch.dtype, log):
 
     def load(local_only: bool):
         with _quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=local_only)
-            tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=local_only)
+            model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=local_only,
+                                                         trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=local_only, trust_remote_code=False)
         return model, tokenizer
 
     offline = any(_truthy(os.environ.get(v)) for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     log(f"loading '{repo_id}' from the local Hugging Face cache")
+    _refuse_hub_remote_code(repo_id)  # the cached snapshot, before transformers reads it
     try:
         model, tokenizer = load(local_only=True)
     except OSError as local_err:
@@ -196,10 +205,49 @@ def _load_hub(repo_id: str, dtype: torch.dtype, log):
         try:
             model, tokenizer = load(local_only=False)
         except Exception as err:  # noqa: BLE001 - network stacks raise many types; all mean "not available"
+            _refuse_hub_remote_code(repo_id)  # transformers refused custom code: say why
             raise _not_cached(repo_id, err) from err
+        _refuse_hub_remote_code(repo_id)  # just downloaded: nothing of it was run (trust_remote_code=False)
     except ValueError as err:  # e.g. an architecture this transformers does not know
+        _refuse_hub_remote_code(repo_id)
         raise RunFailed(f"model.source: '{repo_id}' could not be loaded: {err}") from err
     return model, tokenizer, [repo_id, *_hub_snapshot(repo_id)]
+
+
+def refuse_remote_code(folder: Path) -> None:
+    """UsageError when `folder`'s config or tokenizer config has an `auto_map`: code to run."""
+    for name in REMOTE_CODE_FILES:
+        _refuse_auto_map(Path(folder) / name)
+
+
+def _refuse_hub_remote_code(repo_id: str) -> None:
+    """`refuse_remote_code` for the files of `repo_id` already in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return
+    for name in REMOTE_CODE_FILES:
+        try:
+            cached = try_to_load_from_cache(repo_id, name)
+        except Exception:  # noqa: BLE001 - a malformed id or cache: transformers reports it
+            continue
+        if isinstance(cached, str):
+            _refuse_auto_map(Path(cached), f"'{repo_id}' in the Hugging Face cache: ")
+
+
+def _refuse_auto_map(path: Path, where: str = "") -> None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return  # absent or unreadable: transformers reports it (and runs nothing: trust_remote_code=False)
+    if isinstance(data, dict) and "auto_map" in data:
+        mapped = data["auto_map"]
+        detail = f" ({', '.join(map(str, mapped))})" if isinstance(mapped, dict) and mapped else ""
+        raise UsageError(
+            f"model.source: {where}{path} has the key \"auto_map\"{detail}: it asks to run Python code shipped "
+            "with the model, and workbench never runs code from a model folder. Workbench supports only the "
+            "architectures its adapters claim (those built into transformers); use a model without auto_map"
+        )
 
 
 def _not_cached(repo_id: str, err: Exception) -> UsageError:
@@ -271,6 +319,11 @@ def _publish(tmp: Path, final: Path, expected: dict) -> None:
             pass  # `final` exists: another process won the race, or a stale/foreign folder is in the way
         if _cache_valid(final, expected):
             return  # the concurrent conversion is as good as ours
+        if not os.path.lexists(final):
+            continue  # the rename failed for another reason (or `final` just went): try again
+        if not _our_conversion(final):
+            raise RunFailed(f"could not place the converted model at {final}: something workbench did not "
+                            f"write is in the way; move it away and retry")
         stale = final.with_name(f".{final.name}.stale-{os.getpid()}")
         try:
             os.rename(final, stale)
@@ -280,19 +333,37 @@ def _publish(tmp: Path, final: Path, expected: dict) -> None:
     raise RunFailed(f"could not place the converted model at {final}; remove that folder and retry")
 
 
+# What `_convert_gguf` writes (save_pretrained of the model and of its tokenizer), besides MARKER.
+_CONVERSION_FILE = re.compile(r"(config|generation_config|tokenizer_config|special_tokens_map|added_tokens|tokenizer"
+                              r"|vocab)\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+                              r"|merges\.txt|tokenizer\.model|chat_template\.(jinja|json)")
+
+
+def _our_conversion(folder: Path) -> bool:
+    """A conversion workbench wrote (an older format or GGUF, or half of one): safe to replace.
+
+    A folder holding anything a conversion does not write (someone's files) is not."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    return all(entry.name == MARKER or (entry.is_file() and not entry.is_symlink()
+                                        and _CONVERSION_FILE.fullmatch(entry.name))
+               for entry in folder.iterdir())
+
+
 def _convert_gguf(gguf: Path, out: Path, log, events) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _quiet_transformers(), _gguf_progress(events):
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                      trust_remote_code=False)
     # The GGUF loader leaves a quantization config behind that makes save_pretrained refuse, so
     # rebuild a plain model from the same config without it and move the de-quantised weights over.
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with _quiet_transformers():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.tie_weights()  # the embedded model shares lm_head with embed_tokens; keep it so
     del loaded
@@ -350,10 +421,11 @@ def _from_dir(folder: Path, dtype: torch.dtype, log):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log(f"loading model from {folder}")
+    refuse_remote_code(folder)  # before transformers reads the folder
     try:
         with _quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise RunFailed(f"model.source: could not load the model in '{folder}': {err}") from err
     return model, tokenizer

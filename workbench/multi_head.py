@@ -50,7 +50,8 @@ def multi_head_copy(model: nn.Module) -> nn.Module:
     new_config = copy.deepcopy(config)
     new_config.num_key_value_heads = heads
     parameter = next(model.parameters())
-    new = AutoModelForCausalLM.from_config(new_config, dtype=parameter.dtype).to(parameter.device)
+    new = AutoModelForCausalLM.from_config(new_config, dtype=parameter.dtype, trust_remote_code=False)
+    new = new.to(parameter.device)
     for key in converted:
         state[key] = _repeat_heads(state[key], kv_heads, repeats)
     new.load_state_dict(state, strict=True)

@@ -266,7 +266,7 @@ class Adapter(Plugin):
         """An untrained model of this architecture, to load a saved compressed model into."""
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
 
 
 # --------------------------------------------------------------------------- evaluators

@@ -102,7 +102,10 @@ def load_compressed(path, device: str = "cpu", dtype: torch.dtype | None = None)
     if manifest.get("format") != FORMAT:
         raise UsageError(f"{directory}: unsupported format {manifest.get('format')!r} (expected {FORMAT})")
     saved_dtype = getattr(torch, manifest["dtype"])
-    config = AutoConfig.from_pretrained(str(directory))
+    from workbench.models import refuse_remote_code
+
+    refuse_remote_code(directory)  # before transformers reads the config: never run a model folder's code
+    config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
     adapter = _saved_adapter(manifest)
     with blame(f"adapter '{adapter.name}'", f"building the model of {directory}"):
         model = adapter.build_model(config, saved_dtype)

@@ -93,7 +93,8 @@ class LmEvalEvaluator(Evaluator):
         tasks = _check_tasks(list(opts["tasks"]), manager.all_tasks)
 
         was_training = model.training
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=opts["batch_size"])
+        # trust_remote_code=False: never run code shipped with a model (docs/reliability.md)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=opts["batch_size"], trust_remote_code=False)
         per_task: dict[str, dict[str, float | int]] = {}
         try:
             for i, task in enumerate(tasks):
@@ -104,7 +105,8 @@ class LmEvalEvaluator(Evaluator):
                     # No global seeding (None): 0-shot needs no randomness, and the run's RNG stays ours.
                     result = lm_eval.simple_evaluate(
                         model=lm, tasks=[task], num_fewshot=0, limit=opts["limit"] or None, task_manager=manager,
-                        log_samples=False, random_seed=None, numpy_random_seed=None, torch_random_seed=None,
+                        log_samples=False, confirm_run_unsafe_code=False, random_seed=None, numpy_random_seed=None,
+                        torch_random_seed=None,
                     )
                 except Exception as err:  # noqa: BLE001 - a missing dataset surfaces as many types
                     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
