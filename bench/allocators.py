@@ -61,14 +61,14 @@ def main() -> None:
     parser.add_argument("--reuse", default=None, help="an earlier allocators.json: its rows are kept, not rerun")
     args = parser.parse_args()
 
-    from workbench.allocation import budget_for, total_cost
-    from workbench.data import calibration_windows, evaluation_tokens
-    from workbench.engine import allocate, assemble, calibrate
+    from workbench.engine.allocation import budget_for, total_cost
+    from workbench.sources.text import calibration_windows, evaluation_tokens
+    from workbench.engine.compress import allocate, assemble, calibrate
     from workbench.events import CancelToken, EventBus
-    from workbench.grouping import plan_groups
-    from workbench.models import load_model
-    from workbench.plugins import load_registry
-    from workbench.sensitivity import attach_signals
+    from workbench.engine.grouping import plan_groups
+    from workbench.sources.models import load_model
+    from workbench.registry import load_registry
+    from workbench.engine.sensitivity import attach_signals
     from workbench_evaluators.perplexity import perplexity
 
     out = Path(args.out)
@@ -147,7 +147,7 @@ def main() -> None:
 
 def plot_rank_map(results, path) -> None:
     """The rank map of every allocator at 0.4, drawn like `workbench inspect --plot`."""
-    from workbench.rank_map import plot_png
+    from workbench.run.rank_map import plot_png
 
     labels = [label for label in results["ranks_at_0.4"] if "β=0.1" not in label and "β=0.2" not in label
               and "β=0.4" not in label and "β=0.5" not in label]

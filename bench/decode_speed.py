@@ -28,7 +28,7 @@ def uniform_rank(inp: int, out: int, ratio: float) -> int:
 
 
 def low_rank_copy(dense: torch.nn.Module, ratio: float, seed: int = 0) -> torch.nn.Module:
-    from workbench.lowrank import LowRankLinear
+    from workbench.engine.lowrank import LowRankLinear
 
     model = copy.deepcopy(dense)
     gen = torch.Generator().manual_seed(seed)
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
 
-    from workbench.models import load_model
+    from workbench.sources.models import load_model
     from workbench_evaluators.throughput import measure_throughput
 
     dense = load_model("embedded:smollm2-135m", "float32", "cpu").model

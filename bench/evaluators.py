@@ -36,15 +36,15 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
 
-    from workbench.allocation import budget_for, total_cost
-    from workbench.data import calibration_windows, evaluation_tokens
-    from workbench.engine import allocate, assemble, calibrate
+    from workbench.engine.allocation import budget_for, total_cost
+    from workbench.sources.text import calibration_windows, evaluation_tokens
+    from workbench.engine.compress import allocate, assemble, calibrate
     from workbench.events import CancelToken, EventBus
-    from workbench.grouping import plan_groups
-    from workbench.models import load_model
-    from workbench.plugin_api import EvalContext
-    from workbench.plugins import load_registry
-    from workbench.sensitivity import attach_signals
+    from workbench.engine.grouping import plan_groups
+    from workbench.sources.models import load_model
+    from workbench.api import EvalContext
+    from workbench.registry import load_registry
+    from workbench.engine.sensitivity import attach_signals
     from workbench_evaluators.memory import tensor_totals
     from workbench_evaluators.perplexity import perplexity
     from workbench_evaluators.throughput import measure_throughput

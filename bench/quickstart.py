@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def floor_seconds(profile, repeats: int) -> float:
-    from workbench.data import calibration_windows
-    from workbench.models import load_model
+    from workbench.sources.text import calibration_windows
+    from workbench.sources.models import load_model
 
     loaded = load_model(profile.model.source, profile.model.dtype, profile.model.device)
     windows = calibration_windows(loaded.tokenizer, profile.calibration.dataset, profile.calibration.samples,
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of the floor pass (median)")
     args = parser.parse_args()
 
-    from workbench.profile import load_profile
+    from workbench.profile.schema import load_profile
 
     profile = load_profile(args.profile)
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,16 +15,16 @@ from typer.testing import CliRunner
 
 import workbench
 from conftest import TINY_SLIDING_WINDOW, save_tiny_model, tiny_model, write_text_corpus
-from workbench.allocation import budget_for, total_cost
+from workbench.engine.allocation import budget_for, total_cost
 from workbench.cli import app
-from workbench.engine import allocate, assemble, calibrate
+from workbench.engine.compress import allocate, assemble, calibrate
 from workbench.errors import UsageError
 from workbench.events import CancelToken, EventBus
-from workbench.grouping import plan_groups
-from workbench.lowrank import LowRankLinear
-from workbench.models import load_model
-from workbench.plugins import load_registry
-from workbench.saving import load_compressed, save_compressed
+from workbench.engine.grouping import plan_groups
+from workbench.engine.lowrank import LowRankLinear
+from workbench.sources.models import load_model
+from workbench.registry import load_registry
+from workbench.storage.saving import load_compressed, save_compressed
 
 CPU = torch.device("cpu")
 
@@ -169,7 +169,7 @@ def test_profile_group_size_overrides_adapter_defaults(registry):
 
 
 def test_profile_without_group_size_takes_the_adapters_defaults():
-    from workbench.profile import parse_profile
+    from workbench.profile.schema import parse_profile
 
     compression = parse_profile("[compression]\nratio = 0.3\n").compression
     assert compression.group_size is None and compression.group_size_for("q_proj") is None
@@ -279,7 +279,7 @@ def test_mistral_sliding_window_survives_and_matters(registry, saved, ids, tmp_p
 
 
 def test_loading_rebuilds_through_the_recorded_adapter(saved, ids, tmp_path, monkeypatch):
-    from workbench.plugins import get_registry
+    from workbench.registry import get_registry
 
     adapter = get_registry().adapters["qwen2"]
     built = []
@@ -338,7 +338,7 @@ def test_workbench_run_on_each_family(saved, tmp_path, name, group_size):
     model = workbench.load_compressed(out)
     from transformers import AutoTokenizer
 
-    from workbench.data import evaluation_tokens
+    from workbench.sources.text import evaluation_tokens
     from workbench_evaluators.perplexity import perplexity
 
     tokens = evaluation_tokens(AutoTokenizer.from_pretrained(saved / name), str(saved / "corpus.txt"))

@@ -11,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_llama
-from workbench.allocation import budget_for, check_allocation, rank_cost, total_cost
-from workbench.engine import allocate, assemble, calibrate
+from workbench.engine.allocation import budget_for, check_allocation, rank_cost, total_cost
+from workbench.engine.compress import allocate, assemble, calibrate
 from workbench.events import CancelToken, EventBus
-from workbench.grouping import plan_groups
-from workbench.plugin_api import GroupSpectrum
-from workbench.plugins import load_registry
-from workbench.sensitivity import attach_signals
+from workbench.engine.grouping import plan_groups
+from workbench.api import GroupSpectrum
+from workbench.registry import load_registry
+from workbench.engine.sensitivity import attach_signals
 from workbench_allocators.drank import (drank_type, lagrange_bounded, lagrange_closed_form, rebalance_qk_to_v,
                                         type_budgets)
 from workbench_allocators.loss_aware import water_fill
@@ -256,8 +256,8 @@ def test_loss_aware_runs_from_a_profile_with_its_signal_stage(tiny_workspace, tm
 
 @pytest.mark.embedded
 def test_builtins_meet_the_budget_on_the_embedded_model():
-    from workbench.data import calibration_windows
-    from workbench.models import load_model
+    from workbench.sources.text import calibration_windows
+    from workbench.sources.models import load_model
 
     registry = load_registry(strict=True)
     loaded = load_model("embedded:smollm2-135m", "float32", "cpu")
@@ -276,7 +276,7 @@ def test_builtins_meet_the_budget_on_the_embedded_model():
             assert abs(1 - total_cost(cal.spectra, ranks) / dense - ratio) < 0.005, name
 
     # The default must earn its place on held-out text, even from this small calibration.
-    from workbench.data import evaluation_tokens
+    from workbench.sources.text import evaluation_tokens
     from workbench_evaluators.perplexity import perplexity
 
     held_out = evaluation_tokens(loaded.tokenizer, "embedded:wiki-vital")
@@ -302,7 +302,7 @@ def test_fisher_scores_match_the_loss_slope_of_removing_each_component(group_siz
     """
     from torch.func import functional_call
 
-    from workbench.sensitivity import fisher_scores
+    from workbench.engine.sensitivity import fisher_scores
 
     model = tiny_llama(kv_heads=2, layers=2).double()
     adapter = load_registry(strict=True).adapter_for(model)

@@ -11,13 +11,14 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import tiny_profile, write_text_corpus
-from workbench import checkpoint, durable_files
-from workbench.checkpoint import WorkDir, work_dir_for
+from workbench.storage import checkpoint
+from workbench.storage import durable_files
+from workbench.storage.checkpoint import WorkDir, work_dir_for
 from workbench.cli import app
 from workbench.errors import Interrupted, UsageError
 from workbench.events import CancelToken, EventBus
-from workbench.pipeline import run
-from workbench.profile import parse_profile
+from workbench.run.pipeline import run
+from workbench.profile.schema import parse_profile
 
 runner = CliRunner()
 
@@ -122,6 +123,26 @@ def test_existing_checkpoint_needs_resume_or_force(tiny_workspace, tmp_path):
     assert not work_dir_for(out).exists()
 
 
+def test_checkpoint_of_an_older_format_is_refused_then_replaced_with_force(tiny_workspace, tmp_path):
+    """Format 1 named classes by their old flat module paths: refused with what to do, never imported."""
+    out = tmp_path / "out"
+    path = tmp_path / "p.toml"
+    path.write_text(_text(tiny_workspace, out))
+    _interrupt(parse_profile(path.read_text()), "calibrate", 2)
+    state_path = work_dir_for(out) / "state.json"
+    state = json.loads(state_path.read_text())
+    state["format"] = 1
+    state_path.write_text(json.dumps(state))
+    for extra in (["--resume"], []):
+        result = runner.invoke(app, ["run", str(path), *extra, "--log-format", "plain"])
+        assert result.exit_code == 2, result.output
+        assert "another workbench version" in result.output and "--force" in result.output
+        assert json.loads(state_path.read_text())["format"] == 1  # refused, not touched
+    result = runner.invoke(app, ["run", str(path), "--force", "--log-format", "plain"])
+    assert result.exit_code == 0, result.output
+    assert "resumed_from_checkpoint" not in json.loads((out / "report.json").read_text())
+
+
 def test_resumed_run_says_so_in_its_summary(tiny_workspace, tmp_path):
     out = tmp_path / "out"
     path = tmp_path / "p.toml"
@@ -212,7 +233,7 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
 def test_group_factors_round_trip_exactly(tmp_path):
     import torch
 
-    from workbench.factorize import whitened_svd
+    from workbench.engine.factorize import whitened_svd
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 16, dtype=torch.float64, generator=g)

@@ -14,7 +14,7 @@ from torch import nn
 from conftest import tiny_llama
 from workbench.errors import Interrupted, UsageError
 from workbench.events import PROGRESS, CancelToken, EventBus
-from workbench.plugin_api import EvalContext
+from workbench.api import EvalContext
 from workbench_evaluators import choice
 from workbench_evaluators.choice import (
     ChoiceEvaluator,
@@ -152,7 +152,7 @@ def test_a_random_model_is_near_chance():
 
 
 def test_evaluator_reads_the_evaluation_articles(monkeypatch):
-    import workbench.data as data
+    import workbench.sources.text as data
 
     arts = articles()
     monkeypatch.setattr(data, "wiki_vital_articles", lambda split: arts if split == "evaluation" else [])
@@ -178,7 +178,7 @@ needs_wiki = pytest.mark.skipif(importlib.util.find_spec("ovos_skill_wiki_offlin
 
 @needs_wiki
 def test_evaluation_articles_are_the_evaluation_documents():
-    from workbench.data import load_documents, wiki_vital_articles
+    from workbench.sources.text import load_documents, wiki_vital_articles
 
     arts = wiki_vital_articles("evaluation")
     assert [a["extract"] for a in arts] == load_documents("embedded:wiki-vital", "evaluation")
@@ -189,7 +189,7 @@ def test_evaluation_articles_are_the_evaluation_documents():
 @needs_wiki
 @pytest.mark.embedded
 def test_the_embedded_model_is_well_above_chance():
-    from workbench.models import load_model
+    from workbench.sources.models import load_model
 
     loaded = load_model("embedded:smollm2-135m", "float32", "cpu")
     ctx = EvalContext(device=torch.device("cpu"), events=EventBus(), cancel=CancelToken())

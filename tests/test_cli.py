@@ -13,8 +13,8 @@ from conftest import tiny_profile
 from workbench.cli import app
 from workbench.errors import Interrupted
 from workbench.events import CancelToken, EventBus
-from workbench.pipeline import run
-from workbench.profile import parse_profile
+from workbench.run.pipeline import run
+from workbench.profile.schema import parse_profile
 
 runner = CliRunner()
 
@@ -46,7 +46,7 @@ def test_run_writes_report_and_model(tiny_workspace, tmp_path, group_size):
     assert (out / "report.md").read_text().startswith("# workbench run")
     # reload gives the same logits as the perplexity the run measured
     model = workbench.load_compressed(out)
-    from workbench.data import evaluation_tokens
+    from workbench.sources.text import evaluation_tokens
     from transformers import AutoTokenizer
     from workbench_evaluators.perplexity import perplexity
 
@@ -110,7 +110,7 @@ def test_interrupt_leaves_output_as_it_was(tiny_workspace, tmp_path, stage):
 def test_failing_evaluator_keeps_model_and_exits_1(tiny_workspace, tmp_path, monkeypatch):
     out = tmp_path / "out"
     path = _write(tmp_path, tiny_profile(tiny_workspace, out))
-    from workbench.plugins import get_registry
+    from workbench.registry import get_registry
 
     evaluator_class = type(get_registry().evaluators["perplexity"])
     original = evaluator_class.evaluate
@@ -173,7 +173,7 @@ def test_unclaimed_model_exits_2_with_supported_list(tmp_path):
 
 
 def test_unexpected_error_exits_1_naming_the_stage(tiny_workspace, tmp_path, monkeypatch):
-    import workbench.engine as engine
+    import workbench.engine.compress as engine
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated kernel failure")

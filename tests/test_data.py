@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench import data
+from workbench.sources import text as data
 from workbench.errors import UsageError
 
 
@@ -318,7 +318,7 @@ def test_tokenizers_without_serialisation_are_not_cached(tmp_path, token_cache):
 
 @pytest.fixture(scope="module")
 def smollm_tokenizer():
-    from workbench.models import load_model
+    from workbench.sources.models import load_model
 
     return load_model("embedded:smollm2-135m", device="cpu").tokenizer
 

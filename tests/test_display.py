@@ -10,7 +10,7 @@ import sys
 import pytest
 from rich.console import Console
 
-from workbench.display import (
+from workbench.render.display import (
     JsonRenderer,
     LiveRenderer,
     PlainRenderer,
@@ -210,11 +210,11 @@ def test_summary_tolerates_missing_keys():
 
 
 def test_headless_path_does_not_import_textual():
-    assert "workbench.display" in sys.modules
+    assert "workbench.render.display" in sys.modules
     # Importing display must not pull Textual in (the app is optional for headless runs).
     import subprocess
 
-    code = "import sys, workbench.display; print('textual' in sys.modules)"
+    code = "import sys, workbench.render.display; print('textual' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -51,7 +51,7 @@ def test_quickstart_shape_run_on_the_embedded_model(tmp_path, group_size):
     assert metric["dense"] < metric["compressed"] < 50 * metric["dense"]
     model = workbench.load_compressed(out)
     ids = torch.arange(100, 164)[None]
-    from workbench.models import load_model
+    from workbench.sources.models import load_model
 
     assert model(ids).logits.isfinite().all()
     assert sum(p.numel() for p in model.parameters()) == report["params"]["model_compressed"]

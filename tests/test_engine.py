@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from workbench.allocation import budget_for, total_cost
-from workbench.engine import allocate, assemble, calibrate
+from workbench.engine.allocation import budget_for, total_cost
+from workbench.engine.compress import allocate, assemble, calibrate
 from workbench.errors import PluginError, UsageError
 from workbench.events import CancelToken, EventBus
 from workbench.errors import Interrupted
-from workbench.grouping import plan_groups
-from workbench.lowrank import LowRankLinear
-from workbench.plugins import load_registry
-from workbench.saving import load_compressed, save_compressed
+from workbench.engine.grouping import plan_groups
+from workbench.engine.lowrank import LowRankLinear
+from workbench.registry import load_registry
+from workbench.storage.saving import load_compressed, save_compressed
 
 CPU = torch.device("cpu")
 
@@ -160,7 +160,7 @@ def test_allocator_answers_are_checked(registry, gqa_model, calib_ids, answer, m
 
 def test_wide_inputs_take_the_blocked_gram_path_exactly(registry, calib_ids):
     """down_proj's 1024-wide input is accumulated in blocks; the factor path must stay exact."""
-    from workbench.calibration import BLOCKED_FROM
+    from workbench.engine.calibration import BLOCKED_FROM
 
     model = tiny_llama(layers=2, intermediate=BLOCKED_FROM)
     with torch.no_grad():

@@ -66,7 +66,7 @@ def test_all_evaluators_side_by_side(tiny_workspace, tmp_path):
 def test_every_builtin_evaluator_is_registered_and_documented():
     from pathlib import Path
 
-    from workbench.plugins import load_registry
+    from workbench.registry import load_registry
 
     registry = load_registry()
     builtin = {"perplexity", "choice", "throughput", "memory", "lm-eval"}

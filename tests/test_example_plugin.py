@@ -28,7 +28,7 @@ def installed_example(tmp_path, monkeypatch):
                     "--target", str(site), wheel], check=True)
     monkeypatch.syspath_prepend(str(site))
     importlib.invalidate_caches()
-    import workbench.plugins as plugins
+    import workbench.registry as plugins
 
     monkeypatch.setattr(plugins, "_cached", None)
     yield site
@@ -36,7 +36,7 @@ def installed_example(tmp_path, monkeypatch):
 
 
 def test_example_plugin_installs_and_runs_from_a_profile(installed_example, tiny_workspace, tmp_path):
-    from workbench.plugins import load_registry
+    from workbench.registry import load_registry
 
     registry = load_registry(strict=True)
     assert registry.describe("allocator", "depth-ramp") == "allocator 'depth-ramp' from workbench-depth-ramp 0.1.0"

@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from workbench.cli import app
 from workbench.errors import ProfileError
-from workbench.plugin_api import Option
-from workbench.plugins import get_registry
-from workbench.profile import SECTIONS, TOP_LEVEL, load_profile
+from workbench.api import Option
+from workbench.registry import get_registry
+from workbench.profile.schema import SECTIONS, TOP_LEVEL, load_profile
 from workbench.tui import form_model
 
 REGISTRY = get_registry()  # the CLI's own registry: the same plugins, the same declared options
@@ -322,7 +322,7 @@ def test_a_long_line_is_located_in_linear_time(scratch, line):
     """The key/line scan restarted inside words and strings: 16k characters took 15 s, 100k minutes."""
     import time
 
-    from workbench.profile_locate import key_lines
+    from workbench.profile.locate import key_lines
 
     start = time.perf_counter()
     assert key_lines(line) == {"v": 1}

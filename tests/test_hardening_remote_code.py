@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from conftest import tiny_profile
-from workbench import models
+from workbench.sources import models
 from workbench.errors import RunFailed, UsageError
-from workbench.models import load_model
+from workbench.sources.models import load_model
 
 EVIL = '''
 import pathlib
@@ -124,7 +124,7 @@ def test_transformers_is_never_allowed_to_run_model_code(tiny_workspace, tmp_pat
 
 
 def test_load_compressed_refuses_a_config_with_auto_map(tmp_path):
-    from workbench.saving import FORMAT, load_compressed
+    from workbench.storage.saving import FORMAT, load_compressed
 
     sentinel = tmp_path / "SENTINEL"
     model = tmp_path / "run" / "model"

@@ -8,16 +8,16 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import tiny_profile
-from workbench import checkpoint
-from workbench.checkpoint import MARKER as WORK_MARKER
-from workbench.checkpoint import WorkDir, work_dir_for
+from workbench.storage import checkpoint
+from workbench.storage.checkpoint import MARKER as WORK_MARKER
+from workbench.storage.checkpoint import WorkDir, work_dir_for
 from workbench.cli import app
 from workbench.errors import RunFailed, UsageError
 from workbench.events import CancelToken, EventBus
-from workbench.outputs import MARKER as OUTPUT_MARKER
-from workbench.outputs import StagedOutput, check_target
-from workbench.pipeline import run
-from workbench.profile import parse_profile
+from workbench.storage.outputs import MARKER as OUTPUT_MARKER
+from workbench.storage.outputs import StagedOutput, check_target
+from workbench.run.pipeline import run
+from workbench.profile.schema import parse_profile
 
 runner = CliRunner()
 
@@ -277,7 +277,7 @@ def test_publish_refuses_a_target_that_became_foreign_during_the_run(tmp_path):
 
 
 def test_gguf_publish_never_removes_a_foreign_folder(tmp_path):
-    from workbench import models
+    from workbench.sources import models
 
     expected = {"format": models._CACHE_FORMAT, "gguf": "x.gguf", "gguf_size": 1}  # noqa: SLF001
     final = tmp_path / "models" / "x"

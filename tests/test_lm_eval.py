@@ -11,7 +11,7 @@ import torch
 
 from workbench.errors import UsageError
 from workbench.events import PROGRESS, CancelToken, EventBus
-from workbench.plugin_api import EvalContext
+from workbench.api import EvalContext
 from workbench_evaluators.choice import Question, answer_questions
 from workbench_evaluators.lm_eval_harness import DEFAULT_TASKS, LmEvalEvaluator
 

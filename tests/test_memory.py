@@ -7,8 +7,8 @@ from torch import nn
 
 from conftest import tiny_llama
 from workbench.events import CancelToken, EventBus
-from workbench.lowrank import LowRankLinear
-from workbench.plugin_api import EvalContext
+from workbench.engine.lowrank import LowRankLinear
+from workbench.api import EvalContext
 from workbench_evaluators.memory import MemoryEvaluator, memory_footprint
 
 # tiny_llama: hidden 64, 4 heads of 16, 2 KV heads (k/v out 32), MLP 128, vocab 128, 4 layers.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench import models
+from workbench.sources import models
 from workbench.errors import UsageError
 from workbench.events import EventBus
 

@@ -9,8 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import tiny_model
-from workbench.multi_head import multi_head_copy
-from workbench.plugins import load_registry
+from workbench.sources.multi_head import multi_head_copy
+from workbench.registry import load_registry
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_copy_of_a_multi_head_model_is_equal():
 
 @pytest.mark.embedded
 def test_embedded_multi_head_source_matches_the_embedded_model():
-    from workbench.models import load_model
+    from workbench.sources.models import load_model
 
     base = load_model("embedded:smollm2-135m", device="cpu")
     mha = load_model("embedded:smollm2-135m-mha", device="cpu")

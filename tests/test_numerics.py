@@ -12,12 +12,12 @@ from typer.testing import CliRunner
 
 from conftest import save_tiny_model, tiny_llama, write_text_corpus
 from workbench.cli import app
-from workbench.calibration import GramAccumulator
-from workbench.engine import assemble, calibrate
+from workbench.engine.calibration import GramAccumulator
+from workbench.engine.compress import assemble, calibrate
 from workbench.errors import RunFailed
 from workbench.events import CancelToken, EventBus
-from workbench.grouping import plan_groups
-from workbench.plugins import load_registry
+from workbench.engine.grouping import plan_groups
+from workbench.registry import load_registry
 
 CPU = torch.device("cpu")
 
@@ -183,7 +183,7 @@ def test_an_input_that_is_always_zero_gives_zero_factors_not_noise(registry, cal
 
 def test_a_cholesky_factor_failing_the_loss_check_is_replaced_and_reported(registry, calib_ids, monkeypatch):
     """The third trigger: Cholesky "succeeded" but whitens badly (simulated by skewing its measured loss)."""
-    import workbench.engine as engine
+    import workbench.engine.compress as engine
 
     real = engine.measured_loss
 
@@ -267,7 +267,7 @@ def test_inf_in_the_embeddings_names_layer_zero_and_its_sites(registry, calib_id
 
 def test_a_nan_loss_check_is_a_failure_not_a_pass(registry, calib_ids, monkeypatch):
     """NaN > tolerance is False: the check must not read a NaN mismatch as agreement."""
-    import workbench.engine as engine
+    import workbench.engine.compress as engine
 
     monkeypatch.setattr(engine, "measured_loss", lambda *a, **k: float("nan"))
     model = tiny_llama(layers=1)

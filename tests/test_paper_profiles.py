@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.allocation import budget_for, total_cost
-from workbench.grouping import plan_groups
-from workbench.plugin_api import GroupSpectrum
-from workbench.plugins import load_registry
-from workbench.profile import load_profile
+from workbench.engine.allocation import budget_for, total_cost
+from workbench.engine.grouping import plan_groups
+from workbench.api import GroupSpectrum
+from workbench.registry import load_registry
+from workbench.profile.schema import load_profile
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 

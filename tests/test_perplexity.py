@@ -12,7 +12,7 @@ from torch import nn
 
 from workbench.errors import Interrupted
 from workbench.events import PROGRESS, CancelToken, EventBus
-from workbench.plugin_api import EvalContext
+from workbench.api import EvalContext
 from workbench_evaluators import PerplexityEvaluator, perplexity
 
 VOCAB = 64
@@ -134,12 +134,12 @@ def test_evaluator_uses_data_module_and_reports(monkeypatch, tokens):
         calls.append((tokenizer, dataset))
         return tokens
 
-    # The evaluator imports workbench.data only when it evaluates: stand in for it either way.
+    # The evaluator imports workbench.sources.text only when it evaluates: stand in for it either way.
     try:
-        import workbench.data as data
+        import workbench.sources.text as data
     except ImportError:
-        data = ModuleType("workbench.data")
-        monkeypatch.setitem(sys.modules, "workbench.data", data)
+        data = ModuleType("workbench.sources.text")
+        monkeypatch.setitem(sys.modules, "workbench.sources.text", data)
     monkeypatch.setattr(data, "evaluation_tokens", fake_tokens, raising=False)
     events = []
     bus = EventBus([events.append])
@@ -172,7 +172,7 @@ def test_declared_options():
 
 
 def test_registered_as_a_plugin():
-    from workbench.plugins import load_registry
+    from workbench.registry import load_registry
 
     registry = load_registry()
     assert isinstance(registry.evaluators.get("perplexity"), PerplexityEvaluator)

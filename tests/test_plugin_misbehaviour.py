@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 from conftest import tiny_profile
 from test_plugins import _install_fake
-from workbench.allocation import budget_for, check_allocation
+from workbench.engine.allocation import budget_for, check_allocation
 from workbench.cli import app
 from workbench.errors import PluginError
-from workbench.plugin_api import GroupSpectrum
-from workbench.plugins import load_registry
+from workbench.api import GroupSpectrum
+from workbench.registry import load_registry
 
 runner = CliRunner()
 
@@ -25,7 +25,7 @@ runner = CliRunner()
 @pytest.fixture
 def fresh_registry(monkeypatch):
     """Make the CLI load the plugins again (and forget them after the test)."""
-    import workbench.plugins as plugins
+    import workbench.registry as plugins
 
     monkeypatch.setattr(plugins, "_cached", None)
 
@@ -50,7 +50,7 @@ def test_a_register_hook_calling_sys_exit_is_rolled_back(tmp_path, monkeypatch):
     _install_fake(tmp_path, monkeypatch, "wb_quits2", "1.1", """
         import sys
         from workbench.hookspecs import hookimpl
-        from workbench.plugin_api import Allocator
+        from workbench.api import Allocator
 
         class Fine(Allocator):
             name = "fine-then-quit"
@@ -67,7 +67,7 @@ def test_a_register_hook_calling_sys_exit_is_rolled_back(tmp_path, monkeypatch):
 
 _PLUGIN = """
 from workbench.hookspecs import hookimpl
-from workbench.plugin_api import Adapter, Allocator, Option
+from workbench.api import Adapter, Allocator, Option
 
 class Bad({base}):
     name = "bad-decl"
@@ -84,7 +84,7 @@ def register_{kind}s(register):
     ("allocator", 'options = (Option("x", str, "a", choices="abc"),)', "choices must be a tuple"),
     ("allocator", 'options = (Option("x", int, 1, min="0"),)', "min must be a number"),
     ("allocator", 'options = Option("x", int, 1)', "options must be a tuple"),
-    ("allocator", 'options = ("x",)', "options must be workbench.plugin_api.Option"),
+    ("allocator", 'options = ("x",)', "options must be workbench.api.Option"),
     ("allocator", 'options = (Option("x", int, 1), Option("x", int, 2))', "options declared twice"),
     ("allocator", 'needs = ("gradient",)', "needs unknown signal"),
     ("allocator", 'name = 5', "non-empty string `name`"),
@@ -196,7 +196,7 @@ def test_a_missing_group_is_refused():
 _RUN_PLUGINS = """
 import sys
 from workbench.hookspecs import hookimpl
-from workbench.plugin_api import Allocator, EvalResult, Evaluator
+from workbench.api import Allocator, EvalResult, Evaluator
 
 class Quitter(Allocator):
     name = "wb-quitter"
@@ -305,9 +305,9 @@ def test_an_adapter_that_raises_is_named_and_the_run_exits_1(tmp_path, monkeypat
 
 def test_an_adapter_that_fails_to_replace_a_module_is_named(tiny_workspace):
     from conftest import tiny_llama
-    from workbench.engine import assemble, calibrate
+    from workbench.engine.compress import assemble, calibrate
     from workbench.events import CancelToken, EventBus
-    from workbench.grouping import plan_groups
+    from workbench.engine.grouping import plan_groups
 
     registry = load_registry(strict=True)
     model = tiny_llama()

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from workbench.cli import app
 from workbench.errors import PluginError
-from workbench.plugins import load_registry
+from workbench.registry import load_registry
 
 
 def _install_fake(tmp_path, monkeypatch, name: str, version: str, source: str):
@@ -71,7 +71,7 @@ def test_misspelt_hook_is_rejected(tmp_path, monkeypatch):
 def test_plugin_that_raises_while_registering_is_rolled_back(tmp_path, monkeypatch):
     _install_fake(tmp_path, monkeypatch, "wb_half", "3.0", """
         from workbench.hookspecs import hookimpl
-        from workbench.plugin_api import Allocator
+        from workbench.api import Allocator
 
         class Fine(Allocator):
             name = "half-fine"
@@ -91,7 +91,7 @@ def test_plugin_that_raises_while_registering_is_rolled_back(tmp_path, monkeypat
 def test_third_party_allocator_registers(tmp_path, monkeypatch):
     _install_fake(tmp_path, monkeypatch, "wb_extra", "0.9", """
         from workbench.hookspecs import hookimpl
-        from workbench.plugin_api import Allocator, Option
+        from workbench.api import Allocator, Option
 
         class Halves(Allocator):
             name = "halves"
@@ -111,7 +111,7 @@ def test_third_party_allocator_registers(tmp_path, monkeypatch):
 
 def test_plugins_command_lists_versions(tmp_path, monkeypatch):
     _install_fake(tmp_path, monkeypatch, "wb_broken3", "4.5.6", "raise ImportError('nope')\n")
-    import workbench.plugins as plugins
+    import workbench.registry as plugins
 
     monkeypatch.setattr(plugins, "_cached", None)
     result = CliRunner().invoke(app, ["plugins", "--json"])

@@ -9,10 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import tiny_profile
-from workbench import preflight
+from workbench.run import preflight
 from workbench.cli import app
 from workbench.errors import UsageError
-from workbench.preflight import Shapes, check, estimate
+from workbench.run.preflight import Shapes, check, estimate
 
 runner = CliRunner()
 GB = 1e9

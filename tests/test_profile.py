@@ -11,14 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from workbench.errors import ProfileError
-from workbench.plugin_api import Option
-from workbench.profile import (
+from workbench.api import Option
+from workbench.profile.schema import (
     Profile,
     load_profile,
     parse_profile,
     validate_profile,
 )
-from workbench.profile_locate import find_line, key_lines
+from workbench.profile.locate import find_line, key_lines
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "profiles" / "quickstart.toml"
 
@@ -27,7 +27,7 @@ def _plugin(name, *options):
     return SimpleNamespace(name=name, options=tuple(options))
 
 
-# A stand-in for workbench.plugins.Registry, so these tests do not depend on which built-ins exist.
+# A stand-in for workbench.registry.Registry, so these tests do not depend on which built-ins exist.
 REGISTRY = SimpleNamespace(
     allocators={
         "uniform": _plugin("uniform"),
@@ -478,7 +478,7 @@ x = 1
 def test_quickstart_with_the_real_registry():
     pytest.importorskip("workbench_allocators")
     pytest.importorskip("workbench_evaluators")
-    from workbench.plugins import get_registry
+    from workbench.registry import get_registry
 
     registry = get_registry()
     if "uniform" not in registry.allocators or "perplexity" not in registry.evaluators:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from workbench.report_md import render_report_md
+from workbench.render.report_md import render_report_md
 
 GIB = 1024**3
 

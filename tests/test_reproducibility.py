@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from conftest import tiny_profile
-from workbench.pipeline import run
-from workbench.profile import parse_profile
+from workbench.run.pipeline import run
+from workbench.profile.schema import parse_profile
 
 
 def test_two_runs_give_identical_ranks_and_model_files(tiny_workspace, tmp_path):

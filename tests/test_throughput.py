@@ -12,7 +12,7 @@ from torch import nn
 from conftest import tiny_llama
 from workbench.errors import Interrupted, UsageError
 from workbench.events import PROGRESS, CancelToken, EventBus
-from workbench.plugin_api import EvalContext
+from workbench.api import EvalContext
 from workbench_evaluators.throughput import ThroughputEvaluator, measure_throughput, timed_generation
 
 VOCAB = 50

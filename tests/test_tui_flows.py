@@ -128,7 +128,7 @@ def test_cancel_mid_run_leaves_output_as_it_was(tiny_workspace, tmp_path, monkey
     # Slow each calibrated layer down so the cancel lands in calibration on any machine.
     import time
 
-    import workbench.engine as engine
+    import workbench.engine.compress as engine
 
     real_run_layer = engine.run_layer
 
@@ -165,7 +165,7 @@ def test_running_a_cancelled_profile_again_goes_on_from_its_checkpoint(tiny_work
     (tmp_path / "profiles/tiny.toml").write_text(tiny_profile(tiny_workspace, out))
     import time
 
-    import workbench.engine as engine
+    import workbench.engine.compress as engine
 
     real_run_layer = engine.run_layer
 

@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import tomlkit
 
 from workbench.events import Event, EventBus
-from workbench.plugin_api import Allocator, Option
-from workbench.plugins import get_registry
-from workbench.profile import load_profile
+from workbench.api import Allocator, Option
+from workbench.registry import get_registry
+from workbench.profile.schema import load_profile
 from workbench.tui import form_model
 from workbench.tui.profiles_store import create_profile, duplicate_profile, list_profiles, rename_profile
 from workbench.tui.run_state import RunJob, RunProgress
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_headless_path_imports_no_textual():
-    code = ("import sys, workbench.cli, workbench.pipeline, workbench.display, workbench.tui; "
+    code = ("import sys, workbench.cli, workbench.run.pipeline, workbench.render.display, workbench.tui; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'textual_plotext')); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

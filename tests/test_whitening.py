@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench.factorize import measured_loss, predicted_loss, whitened_svd
-from workbench.whitening import whitening_factor
+from workbench.engine.factorize import measured_loss, predicted_loss, whitened_svd
+from workbench.engine.whitening import whitening_factor
 
 
 def _data(out=24, inp=16, tokens=200, seed=0):
@@ -90,7 +90,7 @@ def test_nan_gram_is_refused():
 
 @pytest.mark.parametrize("width", [16, 1100])
 def test_blocked_gram_equals_plain_float64_product(width):
-    from workbench.calibration import add_gram, symmetrize
+    from workbench.engine.calibration import add_gram, symmetrize
 
     g = torch.Generator().manual_seed(width)
     gram = torch.zeros(width, width, dtype=torch.float64)

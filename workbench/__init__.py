@@ -10,7 +10,7 @@ def load_compressed(path, device: str = "cpu", dtype=None):
 
     Imported lazily so `import workbench` stays cheap for the CLI and plugins.
     """
-    from workbench.saving import load_compressed as _load
+    from workbench.storage.saving import load_compressed as _load
 
     return _load(path, device=device, dtype=dtype)
 

@@ -119,11 +119,11 @@ def run(
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback when the run fails."),
 ) -> None:
     """Compress, evaluate and write report.json (and the model) into the output directory."""
-    from workbench.display import make_renderer, print_summary
+    from workbench.render.display import make_renderer, print_summary
     from workbench.events import CancelToken, EventBus
-    from workbench.pipeline import run_safely
-    from workbench.plugins import get_registry
-    from workbench.profile import load_profile
+    from workbench.run.pipeline import run_safely
+    from workbench.registry import get_registry
+    from workbench.profile.schema import load_profile
 
     out = Console(highlight=False)
     try:
@@ -163,9 +163,9 @@ def inspect(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the rank map as a PNG (needs matplotlib)."),
 ) -> None:
     """Per layer and matrix type: effective rank and the ranks each allocator would give, without compressing."""
-    from workbench.plugins import get_registry
-    from workbench.profile import load_profile
-    from workbench.rank_map import plot_png, rank_map, render_table
+    from workbench.registry import get_registry
+    from workbench.profile.schema import load_profile
+    from workbench.run.rank_map import plot_png, rank_map, render_table
 
     try:
         registry = get_registry()
@@ -186,8 +186,8 @@ def inspect(
 @profile_app.command("validate")
 def validate(files: list[Path] = typer.Argument(..., metavar="FILE...", help="Profiles to check.")) -> None:
     """Check profiles against the schema and the options each plugin declares."""
-    from workbench.plugins import get_registry
-    from workbench.profile import load_profile
+    from workbench.registry import get_registry
+    from workbench.profile.schema import load_profile
 
     try:
         registry = get_registry()
@@ -208,7 +208,7 @@ def validate(files: list[Path] = typer.Argument(..., metavar="FILE...", help="Pr
 @app.command()
 def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List loaded plugins, what each provides, and plugins that failed to load."""
-    from workbench.plugins import get_registry
+    from workbench.registry import get_registry
 
     try:
         registry = get_registry()

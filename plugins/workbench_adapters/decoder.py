@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from workbench.lowrank import LowRankLinear
-from workbench.plugin_api import Adapter, Site
+from workbench.engine.lowrank import LowRankLinear
+from workbench.api import Adapter, Site
 
 DECODER_SITES = (
     Site("q_proj", "self_attn.q_proj", "attn_in"),

@@ -1,6 +1,6 @@
 """Loss-aware allocation: keep the components whose removal would raise the model's loss most per parameter.
 
-Signal (workbench.sensitivity, "fisher"): F_i ≈ the increase of the dense model's calibration loss
+Signal (workbench.engine.sensitivity, "fisher"): F_i ≈ the increase of the dense model's calibration loss
 when component i of a group is dropped, a second-order estimate from per-window gradients; the
 default (`signal = "component"`) uses each F_i as is. With `signal = "group"` the per-component values are pooled into one factor per group, h_g = Σ F_i / Σ σ_i²
 (loss per unit of whitened error), and component i costs h_g·σ_i²: the group's own spectrum orders its
@@ -21,8 +21,8 @@ import math
 from typing import Any, Mapping, Sequence
 
 
-from workbench.allocation import fill_to_budget, rank_cost, total_cost
-from workbench.plugin_api import Allocation, Allocator, GroupSpectrum, Option
+from workbench.engine.allocation import fill_to_budget, rank_cost, total_cost
+from workbench.api import Allocation, Allocator, GroupSpectrum, Option
 
 
 def component_scores(group: GroupSpectrum, signal: str) -> list[float]:

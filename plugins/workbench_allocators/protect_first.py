@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from workbench.allocation import rank_cost, uniform_ranks
-from workbench.plugin_api import Allocation, Allocator, GroupSpectrum, Option
+from workbench.engine.allocation import rank_cost, uniform_ranks
+from workbench.api import Allocation, Allocator, GroupSpectrum, Option
 
 
 class ProtectFirstAllocator(Allocator):

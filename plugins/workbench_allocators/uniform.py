@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from workbench.allocation import uniform_ranks
-from workbench.plugin_api import Allocator, GroupSpectrum
+from workbench.engine.allocation import uniform_ranks
+from workbench.api import Allocator, GroupSpectrum
 
 
 class UniformAllocator(Allocator):

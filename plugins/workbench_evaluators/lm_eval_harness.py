@@ -17,7 +17,7 @@ import os
 from typing import Any, Mapping
 
 from workbench.errors import UsageError
-from workbench.plugin_api import EvalContext, EvalResult, Evaluator, Option, nearest
+from workbench.api import EvalContext, EvalResult, Evaluator, Option, nearest
 
 DEFAULT_TASKS = ("openbookqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag", "piqa", "mathqa")
 INSTALL = "pip install 'workbench[lm-eval]'"

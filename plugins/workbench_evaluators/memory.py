@@ -14,9 +14,9 @@ from typing import Any, Iterable, Mapping
 
 from torch import nn
 
-from workbench.lowrank import LowRankLinear
-from workbench.plugin_api import EvalContext, EvalResult, Evaluator
-from workbench.resources import peak_memory
+from workbench.engine.lowrank import LowRankLinear
+from workbench.api import EvalContext, EvalResult, Evaluator
+from workbench.run.resources import peak_memory
 
 
 def tensor_totals(tensors: Iterable[Any]) -> tuple[int, int]:
@@ -33,7 +33,7 @@ def tensor_totals(tensors: Iterable[Any]) -> tuple[int, int]:
 def _decoder_scope(model: nn.Module) -> tuple[list[nn.Module], str]:
     """The modules to search for linear layers, and a line saying what they are."""
     from workbench.errors import WorkbenchError
-    from workbench.plugins import get_registry
+    from workbench.registry import get_registry
 
     try:
         adapter = get_registry().adapter_for(model)

@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from workbench.errors import UsageError
-from workbench.plugin_api import EvalContext, EvalResult, Evaluator, Option
+from workbench.api import EvalContext, EvalResult, Evaluator, Option
 from workbench_evaluators.forward import logits_of
 
 
@@ -90,7 +90,7 @@ class PerplexityEvaluator(Evaluator):
     )
 
     def evaluate(self, model: Any, tokenizer: Any, options: Mapping[str, Any], ctx: EvalContext) -> EvalResult:
-        from workbench.data import evaluation_tokens  # imported late: data loading is optional here
+        from workbench.sources.text import evaluation_tokens  # imported late: data loading is optional here
 
         opts = {o.name: o.default for o in self.options}
         opts.update(options)

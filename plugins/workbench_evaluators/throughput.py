@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from workbench.errors import UsageError
-from workbench.plugin_api import EvalContext, EvalResult, Evaluator, Option
+from workbench.api import EvalContext, EvalResult, Evaluator, Option
 
 WARMUP_DECODE_STEPS = 2  # enough to run the cached-decode path once before timing it
 

@@ -1,7 +1,7 @@
 """The Textual workbench: profiles, live runs and results in one terminal app.
 
 Only `workbench tui` (and `workbench` with no arguments) import this package; the headless path
-never does, and nothing here reaches into the engine: runs go through `workbench.pipeline.run` and
+never does, and nothing here reaches into the engine: runs go through `workbench.run.pipeline.run` and
 are watched through its events.
 """
 

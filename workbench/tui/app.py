@@ -21,7 +21,7 @@ from workbench.tui.screens.run import RunScreen
 
 
 def _default_pipeline(*args: Any, **kwargs: Any) -> dict:
-    from workbench.pipeline import run_safely
+    from workbench.run.pipeline import run_safely
 
     return run_safely(*args, **kwargs)
 
@@ -55,7 +55,7 @@ class WorkbenchApp(App):
     @property
     def registry(self) -> Any:
         if self._plugins is None:
-            from workbench.plugins import get_registry
+            from workbench.registry import get_registry
 
             self._plugins = get_registry()
         return self._plugins
@@ -96,7 +96,7 @@ class WorkbenchApp(App):
 
     def request_run(self, profile_path: Path) -> None:
         """Queue a run of the profile; an existing output directory is replaced only after a yes."""
-        from workbench.profile import load_profile
+        from workbench.profile.schema import load_profile
 
         try:
             profile = load_profile(profile_path, self.registry)

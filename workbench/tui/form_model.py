@@ -1,7 +1,7 @@
 """The profile editor's form, as data: which fields exist, how text becomes TOML values, and the
 checks. No Textual here, so the rules are testable without an app.
 
-Fields come from `workbench.profile.SECTIONS` / `TOP_LEVEL` and from the `options` each allocator
+Fields come from `workbench.profile.schema.SECTIONS` / `TOP_LEVEL` and from the `options` each allocator
 and evaluator plugin declares, so a third-party plugin's options appear without app changes.
 Values are written into a tomlkit document: comments and layout of the file survive a save.
 """
@@ -16,8 +16,8 @@ from typing import Any
 import tomlkit
 
 from workbench.errors import ProfileError
-from workbench.plugin_api import Option
-from workbench.profile import DEFAULT_ALLOCATOR, SECTIONS, TOP_LEVEL, parse_profile
+from workbench.api import Option
+from workbench.profile.schema import DEFAULT_ALLOCATOR, SECTIONS, TOP_LEVEL, parse_profile
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -14,7 +14,7 @@ from typing import Any
 import tomlkit
 
 from workbench.errors import ProfileError
-from workbench.profile import parse_profile
+from workbench.profile.schema import parse_profile
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workbench.display import format_bytes, format_seconds
+from workbench.render.display import format_bytes, format_seconds
 from workbench.events import LOG, PROGRESS, STAGE_END, STAGE_START, WARNING, Event
 
 _ids = itertools.count(1)

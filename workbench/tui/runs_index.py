@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workbench.display import format_seconds
+from workbench.render.display import format_seconds
 
 
 @dataclass(frozen=True)

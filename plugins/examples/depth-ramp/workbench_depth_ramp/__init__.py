@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 
-from workbench.allocation import fit_to_budget
+from workbench.engine.allocation import fit_to_budget
 from workbench.hookspecs import hookimpl
-from workbench.plugin_api import Allocation, Allocator, Option
+from workbench.api import Allocation, Allocator, Option
 
 
 class DepthRamp(Allocator):

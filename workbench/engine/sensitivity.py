@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from workbench.events import CancelToken, EventBus
-from workbench.factorize import GroupFactors
-from workbench.grouping import GroupPlan
-from workbench.plugin_api import SIGNALS, Adapter, GroupSpectrum
+from workbench.engine.factorize import GroupFactors
+from workbench.engine.grouping import GroupPlan
+from workbench.api import SIGNALS, Adapter, GroupSpectrum
 
 
 def fisher_scores(model: nn.Module, adapter: Adapter, plans: Sequence[GroupPlan], factors: dict[str, GroupFactors],

@@ -16,19 +16,19 @@ from typing import Any
 import torch
 
 from workbench import __version__
-from workbench.allocation import budget_for
-from workbench.checkpoint import WorkDir
-from workbench.dense_cache import DenseCache
-from workbench.engine import allocate, assemble, calibrate
+from workbench.engine.allocation import budget_for
+from workbench.storage.checkpoint import WorkDir
+from workbench.storage.dense_cache import DenseCache
+from workbench.engine.compress import allocate, assemble, calibrate
 from workbench.errors import Interrupted, RunFailed, WorkbenchError
 from workbench.events import CancelToken, EventBus
-from workbench.grouping import plan_groups
-from workbench.outputs import StagedOutput, check_target
-from workbench.plugin_api import EvalContext
-from workbench.preflight import check as preflight_check, estimate, shapes_of
-from workbench.report_md import render_report_md
-from workbench.resources import count_parameters, current_memory, peak_memory
-from workbench.sensitivity import attach_signals, put_signals, signal_window_count
+from workbench.engine.grouping import plan_groups
+from workbench.storage.outputs import StagedOutput, check_target
+from workbench.api import EvalContext
+from workbench.run.preflight import check as preflight_check, estimate, shapes_of
+from workbench.render.report_md import render_report_md
+from workbench.run.resources import count_parameters, current_memory, peak_memory
+from workbench.engine.sensitivity import attach_signals, put_signals, signal_window_count
 
 
 class _Timer:
@@ -99,11 +99,11 @@ def run(profile, *, output_dir: str | Path | None = None, force: bool = False, e
         preflight: bool = True) -> dict[str, Any]:
     """Run `profile` end to end and return the report (also written as report.json).
 
-    Progress is checkpointed in `<output>.work/` (workbench/checkpoint.py), kept when the run is
+    Progress is checkpointed in `<output>.work/` (workbench/storage/checkpoint.py), kept when the run is
     interrupted or fails and removed once the output is published. `resume`: False refuses an
     existing checkpoint unless `force` (which starts over); True continues it; "auto" (the app)
     continues it when it belongs to this profile and model, else starts over. `preflight` checks
-    disk and memory before the long work (workbench/preflight.py).
+    disk and memory before the long work (workbench/run/preflight.py).
     """
     target = Path(output_dir if output_dir is not None else profile.output.dir)
     check_target(target, force)  # before the work directory is made beside it
@@ -124,9 +124,9 @@ def run(profile, *, output_dir: str | Path | None = None, force: bool = False, e
 
 def _run(profile, work: WorkDir, target: Path, *, force: bool, events: EventBus | None, cancel: CancelToken | None,
          registry, resume: bool | str, preflight: bool) -> dict[str, Any]:
-    from workbench.data import calibration_windows
-    from workbench.models import load_model
-    from workbench.plugins import get_registry
+    from workbench.sources.text import calibration_windows
+    from workbench.sources.models import load_model
+    from workbench.registry import get_registry
 
     registry = registry or get_registry()
     events = events or EventBus()
@@ -207,7 +207,7 @@ def _run(profile, work: WorkDir, target: Path, *, force: bool, events: EventBus 
         (staged.path / "profile.toml").write_text(profile.to_toml())
         if profile.output.save_model:
             with timer.stage("save", events, str(target)):
-                from workbench.saving import save_compressed
+                from workbench.storage.saving import save_compressed
 
                 save_compressed(model, tokenizer, staged.path / "model", table, adapter=adapter)
         with timer.stage("evaluate compressed", events):

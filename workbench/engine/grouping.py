@@ -9,7 +9,7 @@ from typing import Callable, Mapping, Sequence, Union
 from torch import nn
 
 from workbench.errors import PluginError, UsageError, blame
-from workbench.plugin_api import Adapter, Site, nearest
+from workbench.api import Adapter, Site, nearest
 
 
 @dataclass(frozen=True)

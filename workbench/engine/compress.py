@@ -8,15 +8,15 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from workbench.allocation import check_allocation
-from workbench.calibration import GramAccumulator, capture_layer_inputs, run_layer
+from workbench.engine.allocation import check_allocation
+from workbench.engine.calibration import GramAccumulator, capture_layer_inputs, run_layer
 from workbench.errors import RunFailed, blame
 from workbench.events import CancelToken, EventBus
-from workbench.factorize import GroupFactors, measured_loss, predicted_loss, whitened_svd
-from workbench.grouping import GroupPlan, module_prefix
-from workbench.lowrank import LowRankLinear
-from workbench.numerics import check_factors, check_gram, check_layer_weights, loss_check_failed
-from workbench.plugin_api import Adapter, Allocator, GroupSpectrum
+from workbench.engine.factorize import GroupFactors, measured_loss, predicted_loss, whitened_svd
+from workbench.engine.grouping import GroupPlan, module_prefix
+from workbench.engine.lowrank import LowRankLinear
+from workbench.engine.numerics import check_factors, check_gram, check_layer_weights, loss_check_failed
+from workbench.api import Adapter, Allocator, GroupSpectrum
 
 # The built-in check of method.md, run on every group at half its kept rank: the measured whitened
 # loss must equal Σ_{i>k} σ_i². Relative to the group's total energy; float64 rounding is ~1e-13.
@@ -82,7 +82,7 @@ def calibrate(model: nn.Module, adapter: Adapter, plans: Sequence[GroupPlan], wi
 
     Factors are kept up to break-even rank (beyond it a group stays dense); `full_factors` keeps
     every component, for the exactness check of the factor path. `checkpoint` (a
-    `workbench.checkpoint.WorkDir`) hands back the state of an interrupted run to continue from
+    `workbench.storage.checkpoint.WorkDir`) hands back the state of an interrupted run to continue from
     (`load_calibration`) and is given the state after each layer (`save_calibration`).
     """
     layers = adapter.decoder_layers(model)

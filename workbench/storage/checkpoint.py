@@ -45,9 +45,9 @@ from typing import Any, Sequence
 import torch
 
 from workbench import __version__
-from workbench.engine import CalibrationState
+from workbench.engine.compress import CalibrationState
 from workbench.errors import UsageError
-from workbench.durable_files import (flatten, fsync_dir, load_meta, load_tensors, plain, save_tensors, unflatten,
+from workbench.storage.durable_files import (flatten, fsync_dir, load_meta, load_tensors, plain, save_tensors, unflatten,
                                      write_atomically)
 from workbench.events import EventBus
 
@@ -56,7 +56,9 @@ try:  # advisory lock: two runs writing one work directory would corrupt each ot
 except ImportError:  # pragma: no cover - Windows: no lock
     fcntl = None
 
-FORMAT = 1
+# 2: classes moved into sub-packages (workbench.engine.factorize, ...); a format-1 checkpoint names
+# modules that no longer exist, so it is refused with what to do rather than migrated.
+FORMAT = 2
 STATE = "state.json"
 LOCK = "lock"
 MARKER = ".workbench-work"  # written first into a work directory workbench makes: it is ours
@@ -283,6 +285,10 @@ class WorkDir:
             if resume is True:
                 events.log("load", f"no checkpoint in {self.path}; starting from the beginning")
             return
+        old_format = bool(problem) and problem.startswith("checkpoint format")
+        if old_format and resume != "auto" and (resume is True or not force):
+            raise UsageError(f"{self.path} holds a checkpoint written by another workbench version ({problem}); "
+                             f"it cannot be resumed. Start over with --force (without --resume), which discards it")
         if resume is False:
             if not force:
                 what = problem or self.describe(saved)

@@ -17,8 +17,8 @@ import pluggy
 
 from workbench import hookspecs
 from workbench.errors import PluginError, UsageError
-from workbench.plugin_api import Adapter, Allocator, Evaluator, Plugin, nearest
-from workbench.plugin_checks import check_declaration
+from workbench.api import Adapter, Allocator, Evaluator, Plugin, nearest
+from workbench.registry_checks import check_declaration
 
 ENTRY_POINT_GROUP = "workbench"
 # Imported directly when the entry points are missing (running from a source tree without install).

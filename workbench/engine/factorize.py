@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.whitening import Whitening, whitening_factor
+from workbench.engine.whitening import Whitening, whitening_factor
 
 
 @dataclass

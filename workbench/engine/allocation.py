@@ -7,7 +7,7 @@ import operator
 from typing import Mapping, Sequence
 
 from workbench.errors import PluginError
-from workbench.plugin_api import Allocation, GroupSpectrum
+from workbench.api import Allocation, GroupSpectrum
 
 
 def rank_cost(group: GroupSpectrum, rank: int) -> int:

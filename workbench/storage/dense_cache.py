@@ -23,7 +23,7 @@ class DenseCache:
     @classmethod
     def default(cls) -> "DenseCache":
         """$WORKBENCH_DENSE_CACHE, else `dense/` under the workbench cache directory."""
-        from workbench.models import cache_dir
+        from workbench.sources.models import cache_dir
 
         return cls(Path(os.environ.get("WORKBENCH_DENSE_CACHE") or cache_dir() / "dense"))
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from workbench.errors import RunFailed
-from workbench.plugin_api import Site
+from workbench.api import Site
 
 
 def _bad_count(tensor: torch.Tensor) -> int:

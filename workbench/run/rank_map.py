@@ -8,18 +8,18 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from workbench.allocation import budget_for, total_cost
-from workbench.engine import allocate, calibrate
+from workbench.engine.allocation import budget_for, total_cost
+from workbench.engine.compress import allocate, calibrate
 from workbench.events import CancelToken, EventBus
-from workbench.grouping import plan_groups
-from workbench.sensitivity import attach_signals, signal_window_count
+from workbench.engine.grouping import plan_groups
+from workbench.engine.sensitivity import attach_signals, signal_window_count
 
 
 def rank_map(profile, registry, allocators: Sequence[str] | None = None, ratio: float | None = None,
              events: EventBus | None = None, cancel: CancelToken | None = None) -> dict[str, Any]:
     """{"ratio", "budget", "allocators", "rows": [per group: type, layers, shape, R_eff, ranks per allocator]}."""
-    from workbench.data import calibration_windows
-    from workbench.models import load_model
+    from workbench.sources.text import calibration_windows
+    from workbench.sources.models import load_model
 
     events = events or EventBus()
     cancel = cancel or CancelToken()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from workbench.plugin_api import SIGNALS, Option
+from workbench.api import SIGNALS, Option
 
 
 def _is_number(value: Any) -> bool:
@@ -19,7 +19,7 @@ def _is_number(value: Any) -> bool:
 
 def check_option(owner: str, option: Any) -> None:
     if not isinstance(option, Option):
-        raise TypeError(f"{owner}: options must be workbench.plugin_api.Option, got {option!r}")
+        raise TypeError(f"{owner}: options must be workbench.api.Option, got {option!r}")
     where = f"{owner}: option {option.name!r}"
     if not isinstance(option.name, str) or not option.name.strip():
         raise TypeError(f"{where}: the name must be a non-empty string")

@@ -1,7 +1,7 @@
 """Load the model to compress: the embedded SmolLM2, a local directory, a `.gguf` file or a hub id.
 
 `embedded:smollm2-135m-mha` is the embedded model with its K/V heads repeated into a multi-head
-(LLaMA-1/2 layout) model with the same logits (`workbench.multi_head`); it is built in memory on
+(LLaMA-1/2 layout) model with the same logits (`workbench.sources.multi_head`); it is built in memory on
 each load (about a second), not cached.
 
 GGUF files are de-quantised once (about 30 s) and cached as a plain safetensors checkpoint under
@@ -117,7 +117,7 @@ def load_model(source: str, dtype: str = "float32", device: str = "auto", events
         identity = [gguf.name, gguf.stat().st_size]
         model, tokenizer = _from_dir(folder, torch_dtype, log)
         if source in MULTI_HEAD_COPIES:
-            from workbench.multi_head import multi_head_copy
+            from workbench.sources.multi_head import multi_head_copy
 
             model = multi_head_copy(model)
             log(f"repeated the K/V heads: {model.config.num_key_value_heads} key/value heads (multi-head copy)")

@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from workbench.errors import UsageError, blame
-from workbench.lowrank import LowRankLinear
-from workbench.plugin_api import Adapter
+from workbench.engine.lowrank import LowRankLinear
+from workbench.api import Adapter
 
 FORMAT = "workbench.compressed/1"
 BASIS_PREFIX = "workbench.basis."
@@ -85,7 +85,7 @@ def _saved_adapter(manifest: dict[str, Any]) -> Adapter:
     """The adapter that compressed the model if it is installed; else the generic defaults."""
     name = manifest.get("adapter")
     if name:
-        from workbench.plugins import get_registry
+        from workbench.registry import get_registry
 
         adapter = get_registry().adapters.get(name)
         if adapter is not None:
@@ -102,7 +102,7 @@ def load_compressed(path, device: str = "cpu", dtype: torch.dtype | None = None)
     if manifest.get("format") != FORMAT:
         raise UsageError(f"{directory}: unsupported format {manifest.get('format')!r} (expected {FORMAT})")
     saved_dtype = getattr(torch, manifest["dtype"])
-    from workbench.models import refuse_remote_code
+    from workbench.sources.models import refuse_remote_code
 
     refuse_remote_code(directory)  # before transformers reads the config: never run a model folder's code
     config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)

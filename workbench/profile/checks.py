@@ -1,4 +1,4 @@
-"""The checks behind workbench.profile: collecting problems with their lines, and checking values.
+"""The checks behind workbench.profile.schema: collecting problems with their lines, and checking values.
 
 Each check reports through a `Checker`, which knows the file and where each key is written, and
 returns a usable value (the default when the given one is wrong) so checking can go on and every
@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import Problem
-from workbench.plugin_api import Option, nearest
-from workbench.profile_locate import find_line, key_at, key_lines
+from workbench.api import Option, nearest
+from workbench.profile.locate import find_line, key_at, key_lines
 
 EMBEDDED_MODELS = ("embedded:smollm2-135m", "embedded:smollm2-135m-mha")
 DATASETS = ("embedded:wiki-vital", "wikitext2", "ptb", "c4")
-DATASET_SUFFIXES = (".txt", ".jsonl")  # what workbench.data reads
+DATASET_SUFFIXES = (".txt", ".jsonl")  # what workbench.sources.text reads
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 
 SOURCE_ALLOWED = "embedded:smollm2-135m (or its multi-head copy embedded:smollm2-135m-mha), a hub id 'org/name', a local model directory or a .gguf file"
@@ -106,7 +106,7 @@ def check_source(c: Checker, source: str) -> None:
             c.add(key, f"unknown embedded model {source!r}", ", ".join(EMBEDDED_MODELS), hint)
         return
     kind = path_kind(source)
-    # As workbench.models decides: these are meant as paths, never hub ids.
+    # As workbench.sources.models decides: these are meant as paths, never hub ids.
     looks_like_path = source.startswith(("/", ".", "~")) or source.lower().endswith(".gguf") or source.count("/") > 1
     if kind is None and looks_like_path:
         c.add(key, f"path does not exist: {shown_path(source)}", SOURCE_ALLOWED)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping
 
-from workbench.display import format_bytes
+from workbench.render.display import format_bytes
 
 
 def _num(value: Any, digits: int = 4, name: str = "") -> str:

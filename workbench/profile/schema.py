@@ -28,8 +28,8 @@ from typing import Any
 import tomlkit
 
 from workbench.errors import Problem, ProfileError
-from workbench.plugin_api import Option, nearest, validate_options
-from workbench.profile_checks import (
+from workbench.api import Option, nearest, validate_options
+from workbench.profile.checks import (
     DATASET_ALLOWED,
     GROUP_SIZE_ALLOWED,
     PATTERNS_ALLOWED,
@@ -277,7 +277,7 @@ def parse_profile(text: str, file: str = "<profile>", registry: Any = None) -> P
         message = str(exc).split("; use sys.")[0]  # the hint about sys.set_int_max_str_digits is not for users
         raise ProfileError([Problem(file, "", f"invalid TOML: {message}", allowed="TOML syntax (https://toml.io)")]) from None
     if registry is None:
-        from workbench.plugins import get_registry
+        from workbench.registry import get_registry
 
         registry = get_registry()
 

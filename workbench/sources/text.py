@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from workbench.errors import UsageError
-from workbench.models import cache_dir, public_mode
+from workbench.sources.models import cache_dir, public_mode
 
 SPLITS = ("calibration", "evaluation")
 EMBEDDED_WIKI = "embedded:wiki-vital"

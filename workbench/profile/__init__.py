@@ -1,0 +1,1 @@
+"""TOML profiles: parsing, validation, and locating keys in the file for messages."""

@@ -1,0 +1,1 @@
+"""Turning events and reports into text: the headless display, report.md, charts."""

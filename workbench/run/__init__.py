@@ -1,0 +1,1 @@
+"""One run of a profile: the stages, preflight, resource accounting, inspection."""
