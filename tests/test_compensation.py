@@ -1,0 +1,90 @@
+"""The closed-form update and the reduced-rank fit, against float64 least squares on the token matrices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workbench.engine.compensation import output_error, reduced_rank_fit, update_coefficients
+from workbench.engine.factorize import whitened_svd
+
+
+def _problem(seed: int, n: int = 400, d_in: int = 24, d_out: int = 16, k: int = 6, drift: float = 0.3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    x[:, 0] *= 30.0  # one dominant channel, as in real activations
+    x_hat = x + drift * torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    p = torch.randn(k, d_in, generator=g, dtype=torch.float64)
+    q = torch.randn(d_out, k, generator=g, dtype=torch.float64)
+    return x, x_hat, w, p, q
+
+
+def _stats(x, x_hat):
+    return x.mT @ x, x.mT @ x_hat, x_hat.mT @ x_hat
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_update_equals_least_squares_on_the_tokens(seed):
+    x, x_hat, w, p, _ = _problem(seed)
+    gram, cross, gram_hat = _stats(x, x_hat)
+    result = update_coefficients(w, p, gram, cross, gram_hat, ridge=0.0)
+    reference = torch.linalg.lstsq(x_hat @ p.mT, x @ w.mT).solution.mT  # Qᵀ = argmin ‖X̂Pᵀ·Qᵀ − XWᵀ‖
+    assert torch.allclose(result.coef, reference, rtol=1e-8, atol=1e-10)
+
+
+def test_ridge_equals_the_augmented_least_squares_problem():
+    x, x_hat, w, p, _ = _problem(7)
+    gram, cross, gram_hat = _stats(x, x_hat)
+    result = update_coefficients(w, p, gram, cross, gram_hat, ridge=0.05)
+    z = x_hat @ p.mT
+    lam = 0.05 * float((p @ gram_hat @ p.mT).diagonal().mean())
+    assert result.ridge == pytest.approx(lam)
+    a = torch.cat([z, lam ** 0.5 * torch.eye(z.shape[1], dtype=z.dtype)])
+    b = torch.cat([x @ w.mT, torch.zeros(z.shape[1], w.shape[0], dtype=z.dtype)])
+    reference = torch.linalg.lstsq(a, b).solution.mT
+    assert torch.allclose(result.coef, reference, rtol=1e-8, atol=1e-10)
+
+
+def test_output_error_from_statistics_equals_the_definition():
+    x, x_hat, w, p, q = _problem(3)
+    direct = float(((x @ w.mT - x_hat @ p.mT @ q.mT) ** 2).sum())
+    assert output_error(w, q, p, *_stats(x, x_hat)) == pytest.approx(direct, rel=1e-10)
+
+
+@pytest.mark.parametrize("ridge", [0.0, 1e-6, 1e-2, 10.0, 1e4])
+@pytest.mark.parametrize("seed", range(3))
+def test_the_objective_never_gets_worse(seed, ridge):
+    x, x_hat, w, p, _ = _problem(seed, n=30)  # fewer tokens than inputs are wide: an ill-posed fit
+    gram, cross, gram_hat = _stats(x, x_hat)
+    # The whitened SVD's own Q (fitted to the dense inputs) is what the update starts from.
+    start = update_coefficients(w, p, gram, gram, gram, ridge=0.0).coef
+    result = update_coefficients(w, p, gram, cross, gram_hat, coef=start, ridge=ridge)
+    assert result.objective_after <= result.objective_before
+    measured = float(((x @ w.mT - x_hat @ p.mT @ result.coef.mT) ** 2).sum())
+    assert measured == pytest.approx(result.objective_after, rel=1e-8)
+    if not result.taken:
+        assert torch.equal(result.coef, start)
+
+
+def test_reduced_rank_fit_on_dense_inputs_is_the_whitened_svd():
+    x, _, w, _, _ = _problem(5)
+    gram = x.mT @ x
+    q, p = reduced_rank_fit(w, gram, gram, rank=6, ridge=0.0)
+    factors = whitened_svd([w], gram, keep=6)
+    qs, p_ref = factors.factors(6, dtype=torch.float64)
+    assert torch.allclose(q @ p, qs[0] @ p_ref, rtol=1e-7, atol=1e-9)
+
+
+def test_reduced_rank_fit_beats_every_other_rank_k_matrix_tried():
+    x, x_hat, w, p0, _ = _problem(11)
+    gram, cross, gram_hat = _stats(x, x_hat)
+    q, p = reduced_rank_fit(w, gram_hat, cross, rank=6, ridge=0.0)
+    best = output_error(w, q, p, gram, cross, gram_hat)
+    fixed_basis = update_coefficients(w, p0, gram, cross, gram_hat, ridge=0.0)
+    assert best <= fixed_basis.objective_after
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        dq = 1e-3 * torch.randn(q.shape, generator=g, dtype=torch.float64)
+        dp = 1e-3 * torch.randn(p.shape, generator=g, dtype=torch.float64)
+        assert output_error(w, q + dq, p + dp, gram, cross, gram_hat) >= best * (1 - 1e-12)

@@ -1,0 +1,86 @@
+"""Closed-form error compensation: refit a low-rank layer to the dense model's outputs.
+
+For one linear site, X (N×in) are its inputs in the dense model and X̂ its inputs in the compressed
+model (earlier modules already replaced). The dense output X·Wᵀ is the target. With the basis P
+(k×in) of the compressed module kept, the output factor Q (out×k) that best matches it solves
+
+    min_Q ‖X·Wᵀ − X̂·Pᵀ·Qᵀ‖²_F   ⇒   Q = W·C·Pᵀ·(P·Ĝ·Pᵀ)⁻¹,   C = XᵀX̂,  Ĝ = X̂ᵀX̂
+
+(SVD-LLM's update, here with the compressed inputs). Everything is computed from the three
+float64 statistics G = XᵀX, C and Ĝ, never from the token matrices, so it runs after a layer walk
+that accumulated them. A ridge λ·I, relative to the mean diagonal of P·Ĝ·Pᵀ, keeps the solve
+well conditioned when few tokens meet a wide input; the objective is evaluated before and after,
+and an update that does not lower it is not taken (the caller keeps the old factor).
+
+With a basis shared by n layers each layer gets its own Q against the shared P: the statistics
+are per layer, the solve is the same.
+
+`reduced_rank_fit` is the joint closed form (P and Q both refit, rank k): with Ĝ = L̂L̂ᵀ the
+unconstrained optimum is M* = W·C·Ĝ⁻¹ and the best rank-k fit is trunc_k(M*·L̂)·L̂⁻¹; with X̂ = X it
+reduces to the whitened SVD itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class UpdateResult:
+    coef: torch.Tensor  # Q, out×k, float64
+    ridge: float  # the absolute λ used
+    objective_before: float  # ‖X·Wᵀ − X̂·Pᵀ·Q_oldᵀ‖², from the statistics
+    objective_after: float
+    taken: bool  # False: the update did not lower the objective and Q_old stands
+
+
+def output_error(weight: torch.Tensor, coef: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor,
+                 cross: torch.Tensor, gram_hat: torch.Tensor) -> float:
+    """‖X·Wᵀ − X̂·Pᵀ·Qᵀ‖²_F from G = XᵀX, C = XᵀX̂, Ĝ = X̂ᵀX̂ (float64)."""
+    w, m = weight.double(), coef.double() @ basis.double()  # M = Q·P, out×in
+    value = (torch.trace(w @ gram @ w.mT) - 2 * torch.trace(w @ cross @ m.mT) + torch.trace(m @ gram_hat @ m.mT))
+    return float(value)
+
+
+def update_coefficients(weight: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor,
+                        gram_hat: torch.Tensor, coef: torch.Tensor | None = None,
+                        ridge: float = 1e-6) -> UpdateResult:
+    """Q = W·C·Pᵀ·(P·Ĝ·Pᵀ + λI)⁻¹ with λ = `ridge`·mean(diag(P·Ĝ·Pᵀ)); float64 throughout.
+
+    `coef` is the current Q: the update is kept only when it lowers the output error.
+    """
+    w, p = weight.double(), basis.double()
+    normal = p @ gram_hat.double() @ p.mT  # k×k
+    lam = ridge * float(normal.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny))
+    normal = normal + lam * torch.eye(normal.shape[0], dtype=normal.dtype, device=normal.device)
+    rhs = w @ cross.double() @ p.mT  # out×k
+    factor, info = torch.linalg.cholesky_ex(normal)
+    if int(info) == 0:
+        new = torch.cholesky_solve(rhs.mT, factor).mT
+    else:  # singular even with the ridge (an all-zero input): least squares in the row space
+        new = torch.linalg.lstsq(normal, rhs.mT).solution.mT
+    after = output_error(w, new, p, gram, cross, gram_hat)
+    if coef is None:
+        return UpdateResult(new, lam, float("nan"), after, True)
+    before = output_error(w, coef, p, gram, cross, gram_hat)
+    taken = after < before
+    return UpdateResult(new if taken else coef.double(), lam, before, after if taken else before, taken)
+
+
+def reduced_rank_fit(weight: torch.Tensor, gram_hat: torch.Tensor, cross: torch.Tensor, rank: int,
+                     ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-`rank` M = Q·P for min ‖X·Wᵀ − X̂·Mᵀ‖²: returns (Q, P), out×k and k×in, float64."""
+    w, g = weight.double(), gram_hat.double()
+    lam = ridge * float(g.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny))
+    g = g + lam * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    lower = torch.linalg.cholesky(g)  # Ĝ + λI = L̂ L̂ᵀ
+    # M*·L̂ = W·C·Ĝ⁻¹·L̂ = W·C·L̂⁻ᵀ: one triangular solve, no inverse.
+    target = torch.linalg.solve_triangular(lower, (w @ cross.double()).mT, upper=False).mT
+    u, s, vt = torch.linalg.svd(target, full_matrices=False)
+    root = s[:rank].sqrt()
+    q = u[:, :rank] * root
+    # P = Σ^{1/2}·Vᵀ·L̂⁻¹  ⇔  P·L̂ = Σ^{1/2}·Vᵀ, solved as L̂ᵀ·Pᵀ = (Σ^{1/2}·Vᵀ)ᵀ.
+    p = torch.linalg.solve_triangular(lower.mT, (root[:, None] * vt[:rank]).mT, upper=True).mT
+    return q, p
