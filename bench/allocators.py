@@ -31,8 +31,8 @@ CONFIGS = [
     ("drank fallback=loss", "drank", {"fallback": "loss"}),
     *[(f"drank-rebalanced β={b}", "drank-rebalanced", {"beta": b, "fallback": "none"}) for b in (0.1, 0.2, 0.3, 0.4, 0.5)],
     ("protect-first", "protect-first", {"layers": 1}),
-    ("loss-aware (group)", "loss-aware", {"signal": "group", "fisher_windows": 8}),
-    ("loss-aware (component)", "loss-aware", {"signal": "component", "fisher_windows": 8}),
+    ("loss-aware (group)", "loss-aware", {"signal": "group"}),
+    ("loss-aware (component)", "loss-aware", {"signal": "component"}),
 ]
 
 
@@ -68,7 +68,7 @@ def main() -> None:
     from workbench.engine.grouping import plan_groups
     from workbench.sources.models import load_model
     from workbench.registry import load_registry
-    from workbench.engine.sensitivity import attach_signals
+    from workbench.engine.sensitivity import compute_signals, put_signals
     from workbench_evaluators.perplexity import perplexity
 
     out = Path(args.out)
@@ -92,8 +92,8 @@ def main() -> None:
     cal = calibrate(dense_model, adapter, plans, windows, torch.device("cpu"), EventBus(), CancelToken())
     t_cal = time.perf_counter() - t0
     t0 = time.perf_counter()
-    attach_signals(("fisher",), cal.spectra, dense_model, adapter, plans, cal.factors, windows[:8],
-                   torch.device("cpu"), EventBus(), CancelToken())
+    put_signals(cal.spectra, compute_signals(registry, ("fisher",), dense_model, adapter, plans, cal.factors,
+                                             windows[:8], torch.device("cpu"), EventBus(), CancelToken()))
     t_fisher = time.perf_counter() - t0
     results = {"date": date.today().isoformat(), "model": args.model, "adapter": adapter.name,
                "group_sizes": {p.matrix_type: len(p.layers) for p in plans if p.layers[0] == 0},
@@ -147,7 +147,7 @@ def main() -> None:
 
 def plot_rank_map(results, path) -> None:
     """The rank map of every allocator at 0.4, drawn like `workbench inspect --plot`."""
-    from workbench.run.rank_map import plot_png
+    from workbench.render.rank_charts import plot_png
 
     labels = [label for label in results["ranks_at_0.4"] if "β=0.1" not in label and "β=0.2" not in label
               and "β=0.4" not in label and "β=0.5" not in label]

@@ -44,7 +44,7 @@ def main() -> None:
     from workbench.sources.models import load_model
     from workbench.api import EvalContext
     from workbench.registry import load_registry
-    from workbench.engine.sensitivity import attach_signals
+    from workbench.engine.sensitivity import compute_signals, put_signals
     from workbench_evaluators.memory import tensor_totals
     from workbench_evaluators.perplexity import perplexity
     from workbench_evaluators.throughput import measure_throughput
@@ -69,8 +69,8 @@ def main() -> None:
     windows = calibration_windows(tok, "embedded:wiki-vital", 32, 512, 0)
     cal = calibrate(dense, adapter, plans, windows, torch.device("cpu"), EventBus(), CancelToken())
     if any(registry.allocators[a].needs for a in args.allocators):
-        attach_signals(("fisher",), cal.spectra, dense, adapter, plans, cal.factors, windows[:8],
-                       torch.device("cpu"), EventBus(), CancelToken())
+        put_signals(cal.spectra, compute_signals(registry, ("fisher",), dense, adapter, plans, cal.factors,
+                                                 windows[:8], torch.device("cpu"), EventBus(), CancelToken()))
     results = {"date": date.today().isoformat(),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                           f"{torch.get_num_threads() if not args.threads else args.threads} threads while timing",

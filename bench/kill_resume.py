@@ -45,7 +45,7 @@ def tiny_profile(root: Path) -> Path:
     write_text_corpus(root / "corpus.txt")
     path = root / "tiny.toml"
     path.write_text(tiny_profile(root, root / "unused", ratio=0.3, group_size=2, samples=16, allocator="loss-aware",
-                                 allocator_options="fisher_windows = 4\n"))
+                                 extra="[signals.fisher]\nwindows = 4\n"))
     return path
 
 

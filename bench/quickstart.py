@@ -2,7 +2,9 @@
 
 The floor is one plain forward pass of the dense model (lm_head included) over the same
 calibration tokens (same windows, batches of 8), timed in this same invocation, after the run:
-`compress_s / floor_s` says how much the engine adds on top of running the model once.
+`compress_s / floor_s` says how much the engine adds on top of running the model once;
+`calibrate_over_floor` and `fisher_over_floor` split it into the layer walk (Grams, factoring)
+and the Fisher signal's gradient pass ("sensitivity" stage).
 
     .venv/bin/python bench/quickstart.py [--profile profiles/quickstart.toml] [--repeats 1]
 
@@ -73,6 +75,10 @@ def main() -> None:
         "compress_s": timings["compress_s"],
         "floor_s": round(floor, 3),
         "compress_over_floor": round(timings["compress_s"] / floor, 2),
+        # the issue-16 goals: calibrate / floor ≤ 1.2, compress / floor ≤ 1.5
+        "calibrate_over_floor": round(timings.get("calibrate", float("nan")) / floor, 2),
+        "fisher_over_floor": round(timings.get("sensitivity", 0.0) / floor, 2),
+        "gram_precision": report.get("calibration", {}).get("gram_precision", profile.compression.gram_precision),
         "wall_s": round(wall, 1),
         "peak_rss_gib": round(report["peak_memory"]["rss_bytes"] / 2**30, 2),
         "ratio_targeted": round(report["params"]["ratio_targeted"], 4),
@@ -80,9 +86,12 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     ppl = report["metrics"][0] if report["metrics"] else {}
-    print(f"| {result['date']} | {result['machine']} | {result['compress_s']:.1f} | {result['floor_s']:.1f} | "
-          f"{result['compress_over_floor']} | {result['peak_rss_gib']} | {ppl.get('dense', float('nan')):.2f} → "
-          f"{ppl.get('compressed', float('nan')):.2f} |")
+    stages = result["stages_s"]
+    print(f"| {result['date']}, {result['machine']}, gram_precision {result['gram_precision']} | "
+          f"{stages.get('calibrate', float('nan')):.1f} | {stages.get('sensitivity', 0.0):.1f} | "
+          f"{result['compress_s']:.1f} | {result['floor_s']:.1f} | {result['calibrate_over_floor']} | "
+          f"{result['fisher_over_floor']} | {result['compress_over_floor']} | {result['peak_rss_gib']} | "
+          f"{ppl.get('dense', float('nan')):.2f} → {ppl.get('compressed', float('nan')):.2f} |")
 
 
 if __name__ == "__main__":

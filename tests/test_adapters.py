@@ -172,9 +172,9 @@ def test_profile_without_group_size_takes_the_adapters_defaults():
     from workbench.profile.schema import parse_profile
 
     compression = parse_profile("[compression]\nratio = 0.3\n").compression
-    assert compression.group_size is None and compression.group_size_for("q_proj") is None
+    assert compression.group_size is None
     table = parse_profile("[compression]\ngroup_size = { v_proj = 3 }\n").compression
-    assert (table.group_size_for("v_proj"), table.group_size_for("o_proj")) == (3, None)
+    assert table.group_size == {"v_proj": 3}  # the types it leaves out: the adapter's default (plan_groups)
 
 
 @pytest.mark.parametrize("name,layout", [

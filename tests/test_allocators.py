@@ -17,7 +17,7 @@ from workbench.events import CancelToken, EventBus
 from workbench.engine.grouping import plan_groups
 from workbench.api import GroupSpectrum
 from workbench.registry import load_registry
-from workbench.engine.sensitivity import attach_signals
+from workbench.engine.sensitivity import compute_signals, put_signals
 from workbench_allocators.drank import (drank_type, lagrange_bounded, lagrange_closed_form, rebalance_qk_to_v,
                                         type_budgets)
 from workbench_allocators.loss_aware import water_fill
@@ -126,7 +126,8 @@ def _calibrated(kv_heads, ids):
     adapter = registry.adapter_for(model)
     plans = plan_groups(model, adapter, None, [], lambda t: 1)
     cal = calibrate(model, adapter, plans, ids, CPU, EventBus(), CancelToken())
-    attach_signals(("fisher",), cal.spectra, model, adapter, plans, cal.factors, ids[:4], CPU, EventBus(), CancelToken())
+    put_signals(cal.spectra, compute_signals(registry, ("fisher",), model, adapter, plans, cal.factors, ids[:4], CPU,
+                                             EventBus(), CancelToken()))
     return registry, cal
 
 
@@ -242,7 +243,7 @@ def test_loss_aware_runs_from_a_profile_with_its_signal_stage(tiny_workspace, tm
     from workbench.cli import app
 
     out = tmp_path / "out"
-    text = tiny_profile(tiny_workspace, out, ratio=0.4, allocator="loss-aware", allocator_options="fisher_windows = 3\n")
+    text = tiny_profile(tiny_workspace, out, ratio=0.4, allocator="loss-aware", extra="[signals.fisher]\nwindows = 3\n")
     (tmp_path / "p.toml").write_text(text)
     result = CliRunner().invoke(app, ["run", str(tmp_path / "p.toml"), "--log-format", "json"])
     assert result.exit_code == 0, result.output
@@ -265,8 +266,8 @@ def test_builtins_meet_the_budget_on_the_embedded_model():
     plans = plan_groups(loaded.model, adapter, None, [], 1)
     windows = calibration_windows(loaded.tokenizer, "embedded:wiki-vital", 4, 128, 0)
     cal = calibrate(loaded.model, adapter, plans, windows, CPU, EventBus(), CancelToken())
-    attach_signals(("fisher",), cal.spectra, loaded.model, adapter, plans, cal.factors, windows[:2], CPU,
-                   EventBus(), CancelToken())
+    put_signals(cal.spectra, compute_signals(registry, ("fisher",), loaded.model, adapter, plans, cal.factors,
+                                             windows[:2], CPU, EventBus(), CancelToken()))
     dense = sum(s.dense_params for s in cal.spectra)
     for ratio in (0.2, 0.4):
         budget = budget_for(cal.spectra, ratio)
@@ -302,7 +303,7 @@ def test_fisher_scores_match_the_loss_slope_of_removing_each_component(group_siz
     """
     from torch.func import functional_call
 
-    from workbench.engine.sensitivity import fisher_scores
+    from workbench_signals.fisher import fisher_scores
 
     model = tiny_llama(kv_heads=2, layers=2).double()
     adapter = load_registry(strict=True).adapter_for(model)

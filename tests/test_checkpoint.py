@@ -31,7 +31,7 @@ def _checkpoint_every_layer(monkeypatch):
 def _text(root, out, ratio=0.3, dataset=None):
     """4 layers in groups of 2 (so a checkpoint holds Grams of a pending group), Fisher-based allocator."""
     text = tiny_profile(root, out, ratio=ratio, group_size=2, allocator="loss-aware",
-                        allocator_options="fisher_windows = 4\n")
+                        extra="[signals.fisher]\nwindows = 4\n")
     if dataset is not None:
         text = text.replace(f'dataset = "{root / "corpus.txt"}"\nsamples', f'dataset = "{dataset}"\nsamples')
     return text

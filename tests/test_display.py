@@ -87,9 +87,9 @@ def test_json_lines_parse_back():
     bus = EventBus([JsonRenderer(out)])
     bus.emit("stage_start", "allocate", time=T0)
     bus.progress("allocate", 2, 4, "ranks", memory_bytes=123)
-    bus.emit("result", "evaluate", data={"metric": "perplexity", "value": 12.5})
+    bus.log("evaluate", "", data={"metric": "perplexity", "value": 12.5})
     rows = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [r["kind"] for r in rows] == ["stage_start", "progress", "result"]
+    assert [r["kind"] for r in rows] == ["stage_start", "progress", "log"]
     assert rows[0]["time"] == T0 and rows[0]["stage"] == "allocate"
     assert (rows[1]["current"], rows[1]["total"], rows[1]["fraction"], rows[1]["memory_bytes"]) == (2, 4, 0.5, 123)
     assert rows[2]["data"] == {"metric": "perplexity", "value": 12.5}

@@ -69,7 +69,7 @@ def _check_group_against_reference(model, adapter, plan, cal, xs):
     """The loss identity on the real activations: ‖(W − Ŵ)Xᵀ‖²_F = Σ_{i>k} σ_i² at several k, and
     the σ themselves equal to the singular values of W·Xᵀ computed directly in float64.
 
-    A group is whitened with its summed Gram (method.md), so X stacks the inputs of all its layers
+    A group is whitened with its summed Gram (docs/architecture.md), so X stacks the inputs of all its layers
     and W the weights: every layer is measured on every layer's inputs.
     """
     layers = adapter.decoder_layers(model)

@@ -1,5 +1,5 @@
 """Misbehaving plugins: each is named (with its distribution and version), contained, and mapped to
-design.md's exit codes (2 bad profile or usage, 1 the run failed); a compressed model survives a
+the public exit codes (2 bad profile or usage, 1 the run failed); a compressed model survives a
 failing evaluator."""
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def register_{kind}s(register):
     ("allocator", 'options = Option("x", int, 1)', "options must be a tuple"),
     ("allocator", 'options = ("x",)', "options must be workbench.api.Option"),
     ("allocator", 'options = (Option("x", int, 1), Option("x", int, 2))', "options declared twice"),
-    ("allocator", 'needs = ("gradient",)', "needs unknown signal"),
+    ("allocator", 'needs = "fisher"', "needs must be a tuple of signal names"),
     ("allocator", 'name = 5', "non-empty string `name`"),
     ("allocator", 'name = "  "', "non-empty string `name`"),
     ("adapter", 'priority = "high"', "priority must be a number"),

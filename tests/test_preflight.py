@@ -46,8 +46,9 @@ def test_check_passes_with_room_and_refuses_with_figures():
     with pytest.raises(UsageError) as caught:
         check(est, Path("runs/x"), cpu, True, disk=lambda _: 30 * 10**9, memory=lambda _: 16 * 10**9)
     message = str(caught.value)
-    assert "not enough free disk space at runs/x" in message and "30.0 GB is free" in message
-    assert "may not fit in cpu memory" in message and "16.0 GB is available" in message
+    # Binary units, as everywhere else: 30·10⁹ bytes are 27.9 GiB.
+    assert "not enough free disk space at runs/x" in message and "27.9 GiB is free" in message
+    assert "may not fit in cpu memory" in message and "14.9 GiB is available" in message
     assert "calibration.samples" in message and "--skip-preflight" in message
 
 

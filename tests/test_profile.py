@@ -105,12 +105,10 @@ def test_ints_are_accepted_for_floats_and_options_resolved():
     assert profile.compression.allocator_options == {"beta": 1.0, "iterations": 10}
 
 
-def test_group_size_table_and_lookup():
+def test_group_size_table_and_number():
     comp = parse("[compression]\ngroup_size = { q_proj = 2, k_proj = 3 }\n").compression
     assert comp.group_size == {"q_proj": 2, "k_proj": 3}
-    # a type the table leaves out takes the adapter's default (None here)
-    assert (comp.group_size_for("q_proj"), comp.group_size_for("k_proj"), comp.group_size_for("up_proj")) == (2, 3, None)
-    assert parse("[compression]\ngroup_size = 4\n").compression.group_size_for("anything") == 4
+    assert parse("[compression]\ngroup_size = 4\n").compression.group_size == 4
 
 
 def test_to_dict_is_resolved_and_has_no_none():

@@ -111,7 +111,8 @@ async def _create_run_watch_results_compare(tiny_workspace, tmp_path):
         await pilot.pause()
         compare = app.screen.query_one("#compare", DataTable)
         assert [str(c.label) for c in compare.ordered_columns][1:] == ["tiny-a", "tiny-b"]
-        ratios = [compare.get_row_at(i) for i in range(compare.row_count) if compare.get_row_at(i)[0] == "ratio (targeted)"]
+        rows = [[str(cell) for cell in compare.get_row_at(i)] for i in range(compare.row_count)]  # cells are Text
+        ratios = [row for row in rows if row[0] == "ratio (targeted)"]
         assert ratios and ratios[0][1] != ratios[0][2]
 
 
@@ -128,7 +129,7 @@ def test_cancel_mid_run_leaves_output_as_it_was(tiny_workspace, tmp_path, monkey
     # Slow each calibrated layer down so the cancel lands in calibration on any machine.
     import time
 
-    import workbench.engine.compress as engine
+    import workbench.engine.walk as engine  # where the layer walk calls run_layer
 
     real_run_layer = engine.run_layer
 
@@ -165,7 +166,7 @@ def test_running_a_cancelled_profile_again_goes_on_from_its_checkpoint(tiny_work
     (tmp_path / "profiles/tiny.toml").write_text(tiny_profile(tiny_workspace, out))
     import time
 
-    import workbench.engine.compress as engine
+    import workbench.engine.walk as engine  # where the layer walk calls run_layer
 
     real_run_layer = engine.run_layer
 

@@ -1,15 +1,21 @@
-"""The public types a plugin works with: declared options, allocator input, adapter sites, evaluators.
+"""The one public module for plugins: everything a plugin needs from workbench is importable from here.
 
-Built-in plugins use exactly these types; if a built-in needs more, this module is what changes.
+The types (options, allocator input, adapter sites, evaluators) are defined here; `hookimpl`, the
+error types, the budget helpers, `LowRankLinear`, evaluation text and tokens, memory readings and
+the adapter lookup are re-exported (see `__all__`). Built-in plugins import nothing else from
+workbench; if one needs more, this module is what changes. Importing it does not import torch:
+the heavy names load on first use.
 """
 
 from __future__ import annotations
 
 import difflib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from workbench.errors import Problem
+from workbench.errors import PluginError, Problem, RunFailed, UsageError, WorkbenchError
+from workbench.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -118,6 +124,13 @@ class Plugin:
 # --------------------------------------------------------------------------- allocators
 
 
+def break_even_rank(in_features: int, out_features: int, n: int) -> int:
+    """Largest useful rank of n layers (in → out each) sharing one basis: the SVD's rank bound,
+    capped where a factorization, r·(in + n·out) parameters, stops being smaller than n·in·out.
+    """
+    return min(in_features, n * out_features, n * in_features * out_features // (in_features + n * out_features))
+
+
 @dataclass
 class GroupSpectrum:
     """What an allocator knows about one group: one matrix type over `layers`, sharing a basis."""
@@ -150,8 +163,7 @@ class GroupSpectrum:
         At or past n·in·out/ω a factorization stores more than the dense weights, so the engine
         keeps the layers dense there (costing exactly the dense parameters).
         """
-        full = min(self.in_features, self.n * self.out_features)
-        return min(full, self.dense_params // self.omega)
+        return break_even_rank(self.in_features, self.out_features, self.n)
 
     @property
     def effective_rank(self) -> float:
@@ -183,14 +195,6 @@ class Allocation(dict):
         self.notes: dict[str, Any] = dict(notes or {})
 
 
-#: Extra signals an allocator may ask for in `Allocator.needs`, computed by the engine after
-#: calibration and handed over in `GroupSpectrum.sensitivity[name]`.
-SIGNALS = {
-    "fisher": "per component i of the group (the first `max_rank`): ½·mean over calibration windows of "
-              "(σ_i·u_iᵀ ∂L/∂A v_i)², the model loss's second-order estimate for dropping it",
-}
-
-
 class Allocator(Plugin):
     """Turns spectra and a parameter budget into integer ranks, one per group.
 
@@ -200,7 +204,8 @@ class Allocator(Plugin):
     engine checks the answer.
     """
 
-    #: Names from `SIGNALS` this allocator needs; each costs extra time after calibration.
+    #: Names of registered signals (`Signal.name`, e.g. "fisher") this allocator needs; each is
+    #: computed after calibration (extra time) and handed over in `GroupSpectrum.sensitivity[name]`.
     needs: tuple[str, ...] = ()
 
     def allocate(self, groups: Sequence[GroupSpectrum], budget: int, options: Mapping[str, Any]) -> dict[str, int]:
@@ -300,3 +305,112 @@ class Evaluator(Plugin):
 
     def evaluate(self, model: "nn.Module", tokenizer: Any, options: Mapping[str, Any], ctx: EvalContext) -> EvalResult:
         raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- signals
+
+
+@dataclass
+class SignalContext:
+    """Everything a signal may use: the dense model after calibration and the groups' factors.
+
+    `plans` are the groups (each with `key`, `matrix_type`, `layers`, `in_features`,
+    `out_features` and `site.path`, the module path inside a decoder layer); `factors[key]` holds
+    the group's `singular_values` (descending), `u` (n·out × r, one block of rows per layer) and
+    `vt_linv` (r × in, Vᵀ L⁻¹) truncated at the group's break-even rank. `windows` are the
+    calibration token windows (one row each); `options` the signal's declared options, validated,
+    defaults filled. Report progress with `events.progress(stage, i, n)` and call `cancel.check()`
+    between windows.
+    """
+
+    model: "nn.Module"
+    adapter: "Adapter"
+    plans: Sequence[Any]
+    factors: Mapping[str, Any]
+    windows: "torch.Tensor"
+    device: "torch.device"
+    events: "EventBus"
+    cancel: Any  # workbench.events.CancelToken
+    options: Mapping[str, Any] = field(default_factory=dict)
+    stage: str = "sensitivity"  # the progress stage name the run shows
+
+    @contextmanager
+    def swapped(self, modules: Mapping[str, "nn.Module"]):
+        """Put `modules` ({dotted path under the model: module}) in place for the `with` block.
+
+        The originals are always put back, whatever the block raises; use it for gradient passes
+        through temporarily replaced modules (trainable masks, probes).
+        """
+        replaced: list[tuple[str, Any]] = []
+        try:
+            for path, module in modules.items():
+                replaced.append((path, self.adapter.replace_module(self.model, path, module)))
+            yield self.model
+        finally:
+            for path, original in reversed(replaced):
+                self.adapter.replace_module(self.model, path, original)
+
+
+class Signal(Plugin):
+    """A per-group measurement an allocator can ask for by name in `Allocator.needs`.
+
+    `compute(ctx)` returns {group key: value} for every group in `ctx.plans`, usually a float64
+    tensor with one value per kept component. Tensors are checkpointed with the signal's options,
+    so a resumed run with the same options reuses them. Profiles set the declared `options` in a
+    `[signals.<name>]` table.
+    """
+
+    def compute(self, ctx: SignalContext) -> Mapping[str, Any]:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- helpers for plugins
+
+
+def claiming_adapter(model: "nn.Module") -> Adapter | None:
+    """The installed adapter that would handle `model` in a run, or None when none claims it."""
+    from workbench.registry import get_registry
+
+    try:
+        return get_registry().adapter_for(model)
+    except WorkbenchError:
+        return None
+
+
+# Re-exported on first use, so importing this module stays torch-free (name -> defining module).
+_LAZY = {
+    **dict.fromkeys(("rank_cost", "total_cost", "budget_for", "uniform_ranks", "round_to_budget",
+                     "fill_to_budget", "trim_to_budget", "fit_to_budget"), "workbench.engine.allocation"),
+    "LowRankLinear": "workbench.engine.lowrank",
+    **dict.fromkeys(("evaluation_tokens", "wiki_vital_articles", "EMBEDDED_WIKI"), "workbench.sources.text"),
+    "peak_memory": "workbench.run.resources",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'workbench.api' has no attribute '{name}'")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+__all__ = [
+    # hooks and errors
+    "hookimpl", "Problem", "WorkbenchError", "UsageError", "RunFailed", "PluginError",
+    # options
+    "Option", "Plugin", "nearest", "validate_options",
+    # allocators and their budget arithmetic
+    "Allocator", "Allocation", "GroupSpectrum", "break_even_rank", "rank_cost", "total_cost",
+    "budget_for", "uniform_ranks", "round_to_budget", "fill_to_budget", "trim_to_budget", "fit_to_budget",
+    # adapters
+    "Adapter", "Site", "LowRankLinear", "claiming_adapter",
+    # evaluators
+    "Evaluator", "EvalContext", "EvalResult", "evaluation_tokens", "wiki_vital_articles", "EMBEDDED_WIKI",
+    "peak_memory",
+    # signals
+    "Signal", "SignalContext",
+]

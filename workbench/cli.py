@@ -5,24 +5,52 @@ Imports nothing from Textual. Exit codes are `workbench.errors.ExitCode`.
 
 from __future__ import annotations
 
-import json
+import contextlib
+import os
 import signal
 import sys
-from pathlib import Path
+
+# Signals first, before the imports below (about a third of a second): a Ctrl-C or SIGTERM that
+# arrives while the program starts must end it as an interrupt (exit 130), not kill it by signal.
+_INTERRUPTED = 130  # ExitCode.INTERRUPTED, known before anything else is imported
+
+
+def _leave(code: int):
+    """A handler for when nothing is left to stop cleanly: a signal ends the process with `code`, quietly."""
+    def handler(signum, frame):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    return handler
+
+
+def _handle_signals(handler) -> None:
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+
+if os.path.basename(sys.argv[0]) == "workbench" or __name__ == "__main__":  # started as the program
+    _handle_signals(_leave(_INTERRUPTED))  # nothing is done yet: a signal simply ends it
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Optional
 
-import typer
-from rich.console import Console
-from rich.table import Table
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
 
-from workbench import __version__
-from workbench.errors import ExitCode, Interrupted, ProfileError, WorkbenchError
+from workbench import __version__  # noqa: E402
+from workbench.errors import ExitCode, Interrupted, ProfileError, UsageError, WorkbenchError  # noqa: E402
+from workbench.render.literal import literal  # noqa: E402
 
 app = typer.Typer(add_completion=False, help="Compress LLMs with whitened, low-rank SVD.", rich_markup_mode=None)
 profile_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Work with profiles.")
 app.add_typer(profile_app, name="profile")
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)  # messages stay whole lines for grep
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # whole lines for grep; ":V:" stays
 
 
 def _fail(exc: WorkbenchError) -> "typer.Exit":
@@ -31,7 +59,8 @@ def _fail(exc: WorkbenchError) -> "typer.Exit":
         for problem in exc.problems:
             err.print(f"  {problem}", markup=False)
     elif isinstance(exc, Interrupted):
-        err.print(f"[yellow]interrupted[/]: {exc}; nothing was written to the output directory", highlight=False)
+        err.print("[yellow]interrupted[/]: ", end="")
+        err.print(f"{exc}; nothing was written to the output directory", markup=False)
     else:
         label = "error" if exc.exit_code == ExitCode.USAGE else "run failed"
         err.print(f"[bold red]{label}[/]: ", end="")
@@ -71,7 +100,9 @@ def _open_app(profiles: Path, runs: Optional[Path]) -> None:
         err.print(f"[bold red]error[/]: the interactive app needs Textual ({exc}); "
                   "`pip install textual` or use `workbench run PROFILE`")
         raise typer.Exit(int(ExitCode.USAGE)) from None
-    app_main(profiles, runs)
+    code = app_main(profiles, runs)
+    if code:  # the app crashed (Textual printed the error): never report success
+        raise typer.Exit(int(ExitCode.FAILED))
 
 
 @app.command()
@@ -79,6 +110,19 @@ def tui(profiles: Path = typer.Option(Path("profiles"), "--profiles", help="Fold
         runs: Optional[Path] = typer.Option(None, "--runs", help="Folder of run outputs (default ./runs).")) -> None:
     """Open the interactive app: manage profiles, launch runs, watch them live, compare results."""
     _open_app(profiles, runs)
+
+
+@contextlib.contextmanager
+def _signals_meaning(handler):
+    """SIGINT and SIGTERM go to `handler` for the duration, then back to what they did before."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _handle_signals(handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            if old is not None:  # None: set outside Python, cannot be restored from here
+                signal.signal(sig, old)
 
 
 class _Interrupts:
@@ -125,7 +169,7 @@ def run(
     from workbench.registry import get_registry
     from workbench.profile.schema import load_profile
 
-    out = Console(highlight=False)
+    out = Console(highlight=False, emoji=False)
     try:
         registry = get_registry()
         _warn_plugin_failures(registry)
@@ -142,7 +186,12 @@ def run(
                 forced.checkpoint = getattr(exc, "checkpoint", None)
                 raise forced from None
         if log_format != "json":
-            print_summary(out, report)
+            with _signals_meaning(_leave(int(ExitCode.OK))):  # published: a signal only cuts the summary short
+                try:
+                    print_summary(out, report)
+                except Exception as exc:  # noqa: BLE001 - the run succeeded; a display bug must not make it exit 1
+                    err.print(f"warning: could not show the summary ({type(exc).__name__}: {exc}); see the "
+                              "report.md in the output directory", markup=False)
     except WorkbenchError as exc:
         if debug and exc.__cause__ is not None:
             err.print_exception()
@@ -165,12 +214,17 @@ def inspect(
     """Per layer and matrix type: effective rank and the ranks each allocator would give, without compressing."""
     from workbench.registry import get_registry
     from workbench.profile.schema import load_profile
-    from workbench.run.rank_map import plot_png, rank_map, render_table
+    from workbench.render.rank_charts import plot_png, render_table
+    from workbench.run.rank_map import rank_map
+
+    from workbench.sources.text import check_text_sources
 
     try:
+        _check_inspect_options(ratio, plot)
         registry = get_registry()
         profile = load_profile(profile_path, registry)
         names = [n.strip() for n in allocators.split(",") if n.strip()] if allocators else None
+        check_text_sources(profile)  # before the model is loaded and calibrated
         data = rank_map(profile, registry, names, ratio)
     except WorkbenchError as exc:
         raise _fail(exc) from None
@@ -179,8 +233,24 @@ def inspect(
         try:
             plot_png(data, plot)
         except ImportError as exc:
-            err.print(f"[bold red]error[/]: {exc}", markup=True)
-            raise typer.Exit(int(ExitCode.USAGE)) from None
+            raise _fail(UsageError(str(exc))) from None
+        except (OSError, ValueError) as exc:  # matplotlib: unwritable path, unknown image suffix
+            why = getattr(exc, "strerror", None) or exc
+            raise _fail(UsageError(f"--plot: cannot write {plot}: {why}")) from None
+
+
+def _check_inspect_options(ratio: Optional[float], plot: Optional[Path]) -> None:
+    """What cannot work is refused before the model is loaded and calibrated."""
+    if ratio is not None and not 0 <= ratio < 1:  # also NaN
+        raise UsageError(f"--ratio: {ratio} is outside [0, 1) (the fraction of the targeted parameters removed)")
+    if plot is not None:
+        folder = plot.parent if str(plot.parent) else Path(".")
+        if not folder.is_dir():
+            raise UsageError(f"--plot: the folder {folder} does not exist; create it or choose another path")
+        if plot.is_dir():
+            raise UsageError(f"--plot: {plot} is a directory; give a file name such as {plot / 'ranks.png'}")
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"--plot: the folder {folder} cannot be written")
 
 
 @profile_app.command("validate")
@@ -224,10 +294,10 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
     for column in ("plugin", "distribution", "version", "provides"):
         table.add_column(column)
     for p in registry.plugins:
-        table.add_row(p.name, p.distribution, p.version, ", ".join(p.provides))
-    console = Console(highlight=False)
+        table.add_row(*(literal(cell) for cell in (p.name, p.distribution, p.version, ", ".join(p.provides))))
+    console = Console(highlight=False, emoji=False)
     console.print(table)
-    for kind in ("allocator", "adapter", "evaluator"):
+    for kind in ("allocator", "adapter", "evaluator", "signal"):
         items = registry.table(kind)
         if items:
             console.print(f"\n[bold]{kind}s[/]")
@@ -238,12 +308,123 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         console.print(str(failure), markup=False, soft_wrap=True)
 
 
+def _failed(doing: str, exc: Exception, debug: bool) -> "typer.Exit":
+    """A WorkbenchError as usual; anything else as one line naming what was being done (exit 1)."""
+    if isinstance(exc, WorkbenchError):
+        return _fail(exc)
+    if debug:
+        err.print_exception()
+    err.print(f"[bold red]{doing} failed[/]: ", end="")
+    err.print(f"{type(exc).__name__}: {exc}", markup=False)
+    return typer.Exit(int(ExitCode.FAILED))
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run output directory (one with model/)."),
+    to: Path = typer.Option(..., "--to", metavar="DIR", help="The folder to write; refused when it exists and is "
+                            "not empty, unless --force."),
+    fmt: str = typer.Option("hf", "--format", help="hf: the low-rank model, loads in plain transformers "
+                            "(trust_remote_code=True); dense: factors multiplied back into the standard "
+                            "architecture, full size."),
+    force: bool = typer.Option(False, "--force", help="Replace DIR atomically (only a folder workbench wrote)."),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Split the weights into safetensors "
+                                       "files of at most this size (e.g. 500MB)."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback when the export fails."),
+) -> None:
+    """Write a run's compressed model as a folder that loads without workbench (docs/export.md)."""
+    try:
+        from workbench.export.dense import export_dense
+        from workbench.export.hf import export_hf
+        from workbench.export.writing import parse_size
+
+        writers = {"hf": export_hf, "dense": export_dense}
+        if fmt not in writers:
+            raise UsageError(f"--format: unknown format '{fmt}' (allowed: {', '.join(writers)})")
+        written = writers[fmt](run_dir, to, force=force, max_shard_bytes=parse_size(max_shard_size))
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message and an exit code
+        raise _failed("export", exc, debug) from None
+    typer.echo(f"exported {run_dir} ({fmt}) to {written}")
+    if fmt == "hf":
+        typer.echo(f"load it with AutoModelForCausalLM.from_pretrained({str(written)!r}, trust_remote_code=True)")
+    else:
+        typer.echo("the dense export is the standard architecture at full size: it saves no space")
+
+
+def _show_continuations(out: Console, prompt: str, texts: list[tuple[str, str]]) -> None:
+    """Each continuation after its prompt, side by side on a wide terminal, else one after the other.
+    Model output is shown literally: never read as markup."""
+    from rich.text import Text
+
+    def block(text: str) -> Text:
+        return Text.assemble((prompt, "dim"), text) if out.is_terminal else Text(prompt + text)
+
+    if len(texts) == 1:
+        out.print(block(texts[0][1]), soft_wrap=not out.is_terminal)
+    elif out.is_terminal and out.width >= 100:
+        table = Table(show_lines=False, expand=True)
+        for title, _ in texts:
+            table.add_column(Text(title), ratio=1)
+        table.add_row(*(block(text) for _, text in texts))
+        out.print(table)
+    else:
+        for i, (title, text) in enumerate(texts):
+            out.print(("\n" if i else "") + f"── {title} ──", markup=False)
+            out.print(block(text), soft_wrap=True)
+
+
+@app.command()
+def generate(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run output directory (one with model/)."),
+    prompt: str = typer.Argument(..., metavar="PROMPT", help="The text to continue."),
+    max_new_tokens: int = typer.Option(40, "--max-new-tokens", help="Tokens to add at most."),
+    sample: bool = typer.Option(False, "--sample", help="Sample (with --temperature, --top-p) instead of greedy."),
+    temperature: float = typer.Option(0.7, "--temperature", help="With --sample: below 1 sharpens, above flattens."),
+    top_p: float = typer.Option(0.9, "--top-p", help="With --sample: keep the smallest set of tokens this likely."),
+    seed: int = typer.Option(0, "--seed", help="With --sample: the same seed gives the same text."),
+    dense: bool = typer.Option(False, "--dense", help="Also show the dense model's continuation beside it."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps or auto."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback when generation fails."),
+) -> None:
+    """Continue PROMPT with the compressed model (greedy by default), to read what it writes."""
+    from workbench.export.generation import Decoding, continuation, load_dense_model, load_run_model
+
+    out = Console(highlight=False, emoji=False)
+    try:
+        decoding = Decoding(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
+                            seed=seed)
+        decoding.check()
+        loaded = load_run_model(run_dir, device)
+        texts = [(f"compressed ({run_dir})", continuation(loaded.model, loaded.tokenizer, prompt, decoding))]
+        if dense:
+            run = loaded.run
+            del loaded  # one model in memory at a time
+            model, tokenizer, source = load_dense_model(run, device)
+            texts.append((f"dense ({source})", continuation(model, tokenizer, prompt, decoding)))
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message and an exit code
+        raise _failed("generate", exc, debug) from None
+    _show_continuations(out, prompt, texts)
+
+
+def _interrupt_now(signum, frame):
+    """Outside a run's own handling: stop where the program is, as an interrupt (typer: exit 130)."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    _handle_signals(_interrupt_now)  # first, whoever imported this module
     try:
         app()
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]")
-        sys.exit(int(ExitCode.INTERRUPTED))
+        outcome = SystemExit(0)
+    except KeyboardInterrupt:  # outside a command (typer turns those into exit 130)
+        with contextlib.suppress(Exception):
+            err.print("[yellow]interrupted[/]")
+        outcome = SystemExit(int(ExitCode.INTERRUPTED))
+    except SystemExit as exc:
+        outcome = exc
+    code = outcome.code if isinstance(outcome.code, int) else int(outcome.code is not None)
+    _handle_signals(_leave(code))  # the exit is decided: a late signal hurries it (atexit too), never changes it
+    raise outcome
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 
 class ExitCode(enum.IntEnum):
-    """Public exit codes of `workbench run` and friends (design.md contract)."""
+    """Public exit codes of `workbench run` and friends (README.md, "Exit codes"): a stable contract."""
 
     OK = 0
     FAILED = 1

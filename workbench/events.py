@@ -15,7 +15,10 @@ STAGE_END = "stage_end"
 PROGRESS = "progress"
 LOG = "log"
 WARNING = "warning"
-RESULT = "result"
+
+# What `Event.memory_bytes` measures: the process's resident set, or the GPU allocator's live bytes.
+HOST_RSS = "host RSS"
+GPU_ALLOCATED = "GPU allocated"
 
 
 @dataclass(frozen=True)
@@ -25,9 +28,10 @@ class Event:
     message: str = ""
     current: int | None = None  # e.g. layer index done so far
     total: int | None = None  # e.g. number of layers
-    memory_bytes: int | None = None  # RSS, or GPU memory on CUDA
+    memory_bytes: int | None = None  # what `memory_kind` says
     data: dict[str, Any] = field(default_factory=dict)
     time: float = field(default_factory=time.time)
+    memory_kind: str = HOST_RSS  # HOST_RSS, or GPU_ALLOCATED when the run is on CUDA
 
     @property
     def fraction(self) -> float | None:
@@ -44,6 +48,7 @@ class Event:
             "total": self.total,
             "fraction": self.fraction,
             "memory_bytes": self.memory_bytes,
+            "memory_kind": self.memory_kind,
             "data": self.data,
             "time": self.time,
         }
@@ -75,9 +80,15 @@ class CancelToken:
 class EventBus:
     """Fan-out of events to listeners; a failing listener never breaks the run."""
 
-    def __init__(self, listeners: list[Listener] | None = None, memory: Callable[[], int] | None = None):
+    def __init__(self, listeners: list[Listener] | None = None, memory: Callable[[], int] | None = None,
+                 memory_kind: str = HOST_RSS):
         self._listeners: list[Listener] = list(listeners or [])
         self._memory = memory
+        self._memory_kind = memory_kind
+
+    def track_memory(self, reading: Callable[[], int], kind: str = HOST_RSS) -> None:
+        """Stamp every later event with `reading()`, which measures `kind` (HOST_RSS or GPU_ALLOCATED)."""
+        self._memory, self._memory_kind = reading, kind
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -85,6 +96,7 @@ class EventBus:
     def emit(self, kind: str, stage: str, message: str = "", **kw: Any) -> Event:
         if "memory_bytes" not in kw and self._memory is not None:
             kw["memory_bytes"] = self._memory()
+            kw.setdefault("memory_kind", self._memory_kind)
         event = Event(kind=kind, stage=stage, message=message, **kw)
         for listener in list(self._listeners):
             try:

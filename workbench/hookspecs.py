@@ -1,4 +1,4 @@
-"""The hook specifications. A plugin implements any of these with `@workbench.hookspecs.hookimpl`.
+"""The hook specifications. A plugin implements any of these with `@workbench.api.hookimpl`.
 
 Each hook hands the plugin a `register` function; the plugin calls it once per thing it provides.
 """
@@ -28,3 +28,8 @@ def register_adapters(register: Callable) -> None:
 @hookspec
 def register_evaluators(register: Callable) -> None:
     """Register evaluators: call `register(evaluator)` with an `Evaluator`."""
+
+
+@hookspec
+def register_signals(register: Callable) -> None:
+    """Register signals allocators can ask for in `needs`: call `register(signal)` with a `Signal`."""

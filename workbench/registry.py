@@ -17,13 +17,13 @@ import pluggy
 
 from workbench import hookspecs
 from workbench.errors import PluginError, UsageError
-from workbench.api import Adapter, Allocator, Evaluator, Plugin, nearest
+from workbench.api import Adapter, Allocator, Evaluator, Plugin, Signal, nearest
 from workbench.registry_checks import check_declaration
 
 ENTRY_POINT_GROUP = "workbench"
 # Imported directly when the entry points are missing (running from a source tree without install).
-BUILTIN_MODULES = ("workbench_allocators", "workbench_adapters", "workbench_evaluators")
-KINDS = {"allocator": Allocator, "adapter": Adapter, "evaluator": Evaluator}
+BUILTIN_MODULES = ("workbench_allocators", "workbench_adapters", "workbench_evaluators", "workbench_signals")
+KINDS = {"allocator": Allocator, "adapter": Adapter, "evaluator": Evaluator, "signal": Signal}
 
 
 @dataclass
@@ -53,6 +53,7 @@ class Registry:
         self.allocators: dict[str, Allocator] = {}
         self.adapters: dict[str, Adapter] = {}
         self.evaluators: dict[str, Evaluator] = {}
+        self.signals: dict[str, Signal] = {}
         self.plugins: list[LoadedPlugin] = []
         self.failures: list[PluginFailure] = []
         self.origin: dict[tuple[str, str], LoadedPlugin] = {}
@@ -60,7 +61,8 @@ class Registry:
         self.pm.add_hookspecs(hookspecs)
 
     def table(self, kind: str) -> dict[str, Plugin]:
-        return {"allocator": self.allocators, "adapter": self.adapters, "evaluator": self.evaluators}[kind]
+        return {"allocator": self.allocators, "adapter": self.adapters, "evaluator": self.evaluators,
+                "signal": self.signals}[kind]
 
     def get(self, kind: str, name: str) -> Any:
         table = self.table(kind)
@@ -125,6 +127,7 @@ class Registry:
                 ("allocator", self.pm.hook.register_allocators),
                 ("adapter", self.pm.hook.register_adapters),
                 ("evaluator", self.pm.hook.register_evaluators),
+                ("signal", self.pm.hook.register_signals),
             ):
                 impls = [i for i in hook.get_hookimpls() if i.plugin is module]
                 for impl in impls:

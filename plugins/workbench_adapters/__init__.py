@@ -6,7 +6,7 @@ Each claims a model from its `config.model_type` and its module structure; claim
 
 from __future__ import annotations
 
-from workbench.hookspecs import hookimpl
+from workbench.api import hookimpl
 
 from workbench_adapters.llama import LlamaAdapter, LlamaMultiHeadAdapter
 from workbench_adapters.mistral import MistralAdapter

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from workbench.engine.lowrank import LowRankLinear
-from workbench.api import Adapter, Site
+from workbench.api import Adapter, LowRankLinear, Site
 
 DECODER_SITES = (
     Site("q_proj", "self_attn.q_proj", "attn_in"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workbench.hookspecs import hookimpl
+from workbench.api import hookimpl
 
 from workbench_allocators.drank import DRankAllocator, DRankRebalancedAllocator
 from workbench_allocators.loss_aware import LossAwareAllocator

@@ -12,8 +12,8 @@ import math
 from collections import defaultdict
 from typing import Any, Mapping, Sequence
 
-from workbench.engine.allocation import fill_to_budget, fit_to_budget, rank_cost, round_to_budget, total_cost, uniform_ranks
-from workbench.api import Allocation, Allocator, GroupSpectrum, Option
+from workbench.api import (Allocation, Allocator, GroupSpectrum, Option, fill_to_budget, fit_to_budget, rank_cost,
+                           round_to_budget, total_cost, uniform_ranks)
 
 # The reference code keeps gate_proj uniform whatever the comparison says.
 ALWAYS_UNIFORM_WITH_FALLBACK = ("gate_proj",)

@@ -1,6 +1,7 @@
 """Loss-aware allocation: keep the components whose removal would raise the model's loss most per parameter.
 
-Signal (workbench.engine.sensitivity, "fisher"): F_i ≈ the increase of the dense model's calibration loss
+Signal ("fisher", the built-in plugin in plugins/workbench_signals; its window count is
+`[signals.fisher] windows`): F_i ≈ the increase of the dense model's calibration loss
 when component i of a group is dropped, a second-order estimate from per-window gradients; the
 default (`signal = "component"`) uses each F_i as is. With `signal = "group"` the per-component values are pooled into one factor per group, h_g = Σ F_i / Σ σ_i²
 (loss per unit of whitened error), and component i costs h_g·σ_i²: the group's own spectrum orders its
@@ -21,8 +22,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 
-from workbench.engine.allocation import fill_to_budget, rank_cost, total_cost
-from workbench.api import Allocation, Allocator, GroupSpectrum, Option
+from workbench.api import Allocation, Allocator, GroupSpectrum, Option, fill_to_budget, rank_cost, total_cost
 
 
 def component_scores(group: GroupSpectrum, signal: str) -> list[float]:
@@ -95,8 +95,6 @@ class LossAwareAllocator(Allocator):
         Option("signal", str, "component", choices=("component", "group"),
                help="'group': one loss-per-whitened-error factor per group times σ_i²; 'component': each "
                     "component's own Fisher score"),
-        Option("fisher_windows", int, 8, min=1, max=4096,
-               help="calibration windows used for the gradient pass (each costs ~3 forward passes)"),
     )
 
     def allocate(self, groups: Sequence[GroupSpectrum], budget: int, options: Mapping[str, Any]) -> Allocation:

@@ -1,15 +1,14 @@
 """A hand rule kept as a baseline: the first layer(s) stay dense, the other layers pay for it uniformly.
 
-method.md: on the embedded model this crude rule beats uniform by 13% (ρ = 0.2) and 38% (ρ = 0.4)
-while every local spectral proxy loses to uniform. It is a yardstick for principled allocators.
+On the embedded model this crude rule beats uniform at every ratio (BENCHMARKS.md, "Allocators"),
+while local spectral proxies lose to uniform. It is a yardstick for principled allocators.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from workbench.engine.allocation import rank_cost, uniform_ranks
-from workbench.api import Allocation, Allocator, GroupSpectrum, Option
+from workbench.api import Allocation, Allocator, GroupSpectrum, Option, rank_cost, uniform_ranks
 
 
 class ProtectFirstAllocator(Allocator):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from workbench.engine.allocation import uniform_ranks
-from workbench.api import Allocator, GroupSpectrum
+from workbench.api import Allocator, GroupSpectrum, uniform_ranks
 
 
 class UniformAllocator(Allocator):

@@ -6,7 +6,7 @@ only when it runs, and then says how to install it.
 
 from __future__ import annotations
 
-from workbench.hookspecs import hookimpl
+from workbench.api import hookimpl
 from workbench_evaluators.choice import ChoiceEvaluator
 from workbench_evaluators.lm_eval_harness import LmEvalEvaluator
 from workbench_evaluators.memory import MemoryEvaluator

@@ -16,8 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from workbench.errors import UsageError
-from workbench.api import EvalContext, EvalResult, Evaluator, Option
+from workbench.api import EvalContext, EvalResult, Evaluator, Option, UsageError
 from workbench_evaluators.forward import logits_of
 
 PROMPT = "Wikipedia article: {title}\nShort description:"
@@ -141,7 +140,7 @@ class ChoiceEvaluator(Evaluator):
     )
 
     def evaluate(self, model: Any, tokenizer: Any, options: Mapping[str, Any], ctx: EvalContext) -> EvalResult:
-        from workbench.sources.text import EMBEDDED_WIKI, wiki_vital_articles
+        from workbench.api import EMBEDDED_WIKI, wiki_vital_articles  # loads the text sources
 
         opts = {o.name: o.default for o in self.options}
         opts.update(options)

@@ -16,8 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-from workbench.errors import UsageError
-from workbench.api import EvalContext, EvalResult, Evaluator, Option, nearest
+from workbench.api import EvalContext, EvalResult, Evaluator, Option, UsageError, nearest
 
 DEFAULT_TASKS = ("openbookqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag", "piqa", "mathqa")
 INSTALL = "pip install 'workbench[lm-eval]'"

@@ -14,9 +14,7 @@ from typing import Any, Iterable, Mapping
 
 from torch import nn
 
-from workbench.engine.lowrank import LowRankLinear
-from workbench.api import EvalContext, EvalResult, Evaluator
-from workbench.run.resources import peak_memory
+from workbench.api import EvalContext, EvalResult, Evaluator, LowRankLinear, claiming_adapter, peak_memory
 
 
 def tensor_totals(tensors: Iterable[Any]) -> tuple[int, int]:
@@ -32,14 +30,10 @@ def tensor_totals(tensors: Iterable[Any]) -> tuple[int, int]:
 
 def _decoder_scope(model: nn.Module) -> tuple[list[nn.Module], str]:
     """The modules to search for linear layers, and a line saying what they are."""
-    from workbench.errors import WorkbenchError
-    from workbench.registry import get_registry
-
-    try:
-        adapter = get_registry().adapter_for(model)
-        return list(adapter.decoder_layers(model)), f"decoder layers (adapter {adapter.name})"
-    except WorkbenchError:
+    adapter = claiming_adapter(model)
+    if adapter is None:
         return [model], "every linear layer but the output head (no adapter claims the model)"
+    return list(adapter.decoder_layers(model)), f"decoder layers (adapter {adapter.name})"
 
 
 def decoder_linear_layers(model: nn.Module) -> tuple[list[LowRankLinear], list[nn.Linear], str]:

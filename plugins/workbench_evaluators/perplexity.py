@@ -1,4 +1,4 @@
-"""Perplexity over non-overlapping windows (method.md, "Evaluation protocol")."""
+"""Perplexity over non-overlapping windows of the evaluation text: exp of the mean next-token NLL."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from workbench.errors import UsageError
-from workbench.api import EvalContext, EvalResult, Evaluator, Option
+from workbench.api import EvalContext, EvalResult, Evaluator, Option, UsageError
 from workbench_evaluators.forward import logits_of
 
 
@@ -90,7 +89,7 @@ class PerplexityEvaluator(Evaluator):
     )
 
     def evaluate(self, model: Any, tokenizer: Any, options: Mapping[str, Any], ctx: EvalContext) -> EvalResult:
-        from workbench.sources.text import evaluation_tokens  # imported late: data loading is optional here
+        from workbench.api import evaluation_tokens
 
         opts = {o.name: o.default for o in self.options}
         opts.update(options)

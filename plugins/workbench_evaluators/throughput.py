@@ -1,4 +1,4 @@
-"""Prefill and decode speed in tokens/s (method.md, "Evaluation protocol").
+"""Prefill and decode speed in tokens/s, dense beside compressed.
 
 Dense and compressed are measured in the same process, on the same device, with the same seeded
 prompt. One untimed warm-up pass comes first (allocator, kernel selection, lazy init), then
@@ -18,8 +18,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from workbench.errors import UsageError
-from workbench.api import EvalContext, EvalResult, Evaluator, Option
+from workbench.api import EvalContext, EvalResult, Evaluator, Option, UsageError
 
 WARMUP_DECODE_STEPS = 2  # enough to run the cached-decode path once before timing it
 

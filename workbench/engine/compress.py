@@ -1,7 +1,8 @@
-"""The whitening SVD engine: calibrate layer by layer, factor each group, allocate, swap modules."""
+"""The whitening SVD engine: calibrate (the layer walk with the default strategies), allocate, swap modules."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -9,16 +10,17 @@ import torch
 from torch import nn
 
 from workbench.engine.allocation import check_allocation
-from workbench.engine.calibration import GramAccumulator, capture_layer_inputs, run_layer
-from workbench.errors import RunFailed, blame
+from workbench.errors import PluginError, RunFailed, WorkbenchError, blame
 from workbench.events import CancelToken, EventBus
 from workbench.engine.factorize import GroupFactors, measured_loss, predicted_loss, whitened_svd
 from workbench.engine.grouping import GroupPlan, module_prefix
 from workbench.engine.lowrank import LowRankLinear
-from workbench.engine.numerics import check_factors, check_gram, check_layer_weights, loss_check_failed
-from workbench.api import Adapter, Allocator, GroupSpectrum
+from workbench.engine.numerics import check_factors, loss_check_failed
+from workbench.engine.state import CalibrationCheckpoint, CalibrationState  # noqa: F401 - CalibrationState re-exported
+from workbench.engine.walk import Factor, LayerWalk, Strategies
+from workbench.api import Adapter, Allocator, GroupSpectrum, break_even_rank
 
-# The built-in check of method.md, run on every group at half its kept rank: the measured whitened
+# The built-in check (docs/architecture.md), run on every group at half its kept rank: the measured whitened
 # loss must equal Σ_{i>k} σ_i². Relative to the group's total energy; float64 rounding is ~1e-13.
 LOSS_CHECK_TOLERANCE = 1e-6
 
@@ -33,33 +35,15 @@ class Calibrated:
     tokens: int = 0
 
 
-@dataclass
-class CalibrationState:
-    """Where calibration stands after a layer: all it needs to go on exactly as if never stopped.
-
-    `hidden` is the next layer's input per batch (None once every layer is done); the batches'
-    keyword arguments (rotary embeddings, masks) are not kept: they are the same for every layer,
-    so a resumed run captures them again, which costs only the embedding.
-    """
-
-    next_layer: int
-    hidden: list[torch.Tensor] | None
-    grams: dict[tuple[str, int], torch.Tensor]  # per-layer Grams a pending group still needs
-    factors: dict[str, GroupFactors]  # finished groups
-    whitening: list[dict[str, Any]]
-    tokens: int
-
-
 def _weights(layers: nn.ModuleList, plan: GroupPlan) -> list[torch.Tensor]:
     return [layers[i].get_submodule(plan.site.path).weight for i in plan.layers]
 
 
 def _factor_group(layers, plan: GroupPlan, grams: dict, method: str, device, full: bool) -> GroupFactors:
     gram = sum(grams[(plan.site.input_group, i)] for i in plan.layers)
-    spectrum_stub = GroupSpectrum(plan.key, plan.matrix_type, plan.layers, plan.in_features, plan.out_features,
-                                  torch.empty(0))
     weights = _weights(layers, plan)
-    keep = min(plan.in_features, len(plan.layers) * plan.out_features) if full else spectrum_stub.max_rank
+    full_rank = min(plan.in_features, len(plan.layers) * plan.out_features)
+    keep = full_rank if full else break_even_rank(plan.in_features, plan.out_features, len(plan.layers))
     factors = whitened_svd(weights, gram.to(device), keep=keep, method=method)
     k = max(1, factors.u.shape[1] // 2)
     energy = float((factors.singular_values ** 2).sum()) or 1.0
@@ -75,89 +59,48 @@ def _factor_group(layers, plan: GroupPlan, grams: dict, method: str, device, ful
     return factors
 
 
+def group_factorer(whitening: str, device: torch.device, events: EventBus, full_factors: bool = False) -> Factor:
+    """The walk's factor step: whiten and decompose one complete group, checked, kept compact."""
+
+    def factor(layers, plan: GroupPlan, grams: dict) -> tuple[GroupFactors, dict[str, Any]]:
+        f = _factor_group(layers, plan, grams, whitening, device, full_factors)
+        if f.whitening.fell_back:
+            events.warn("calibrate", f"{plan.key}: {f.whitening.fallback_reason}; used the eigen route")
+        entry = {"group": plan.key, "method": f.whitening.method, "rank_of_gram": f.whitening.rank,
+                 "fallback": f.whitening.fallback_reason}
+        # float64 was needed for the SVD and its check; float32 factors are exact enough to
+        # build float32/bf16 modules and halve the memory held until allocation.
+        return f.compact(torch.float64 if full_factors else torch.float32), entry
+
+    return factor
+
+
 def calibrate(model: nn.Module, adapter: Adapter, plans: Sequence[GroupPlan], windows: torch.Tensor,
               device: torch.device, events: EventBus, cancel: CancelToken, whitening: str = "cholesky",
-              batch_size: int = 8, full_factors: bool = False, checkpoint: Any = None) -> Calibrated:
-    """Accumulate Grams layer by layer and factor every group as soon as its last layer is done.
+              batch_size: int = 8, full_factors: bool = False, checkpoint: CalibrationCheckpoint | None = None,
+              strategies: Strategies | None = None) -> Calibrated:
+    """Walk the layers once (workbench/engine/walk.py), factoring every group as soon as its last layer is done.
 
     Factors are kept up to break-even rank (beyond it a group stays dense); `full_factors` keeps
-    every component, for the exactness check of the factor path. `checkpoint` (a
-    `workbench.storage.checkpoint.WorkDir`) hands back the state of an interrupted run to continue from
-    (`load_calibration`) and is given the state after each layer (`save_calibration`).
+    every component, for the exactness check of the factor path. `checkpoint` (e.g. a
+    `workbench.storage.checkpoint.WorkDir`) hands back the state of an interrupted run to continue
+    from and is given the state after each layer. `strategies` replaces the walk's defaults.
     """
-    layers = adapter.decoder_layers(model)
-    needed: dict[int, set[str]] = {}
-    last_layer = max(i for p in plans for i in p.layers)
-    for plan in plans:
-        for i in plan.layers:
-            needed.setdefault(i, set()).add(plan.site.input_group)
-    pending = {plan.key: plan for plan in plans}
-    grams: dict[tuple[str, int], torch.Tensor] = {}
-    factors: dict[str, GroupFactors] = {}
-    report: list[dict[str, Any]] = []
-    tokens = 0
-    start = 0
+    last = max(i for p in plans for i in p.layers)
     state = checkpoint.load_calibration(device) if checkpoint is not None else None
     if state is not None:
-        start, grams, factors, report, tokens = (state.next_layer, state.grams, state.factors, state.whitening,
-                                                 state.tokens)
-        pending = {k: p for k, p in pending.items() if k not in factors}
-        events.log("calibrate", f"resumed from the checkpoint: {start} of {last_layer + 1} layers done")
-    batches = []
-    if start <= last_layer:
-        batches = capture_layer_inputs(model, layers[0], windows, batch_size, device, cancel.check)
-        if state is not None:
-            _restore_inputs(batches, state.hidden)
-    for i in range(start, last_layer + 1):
-        cancel.check()
-        layer = layers[i]
-        check_layer_weights(layer, i, {p.site for p in plans if i in p.layers})
-        acc = GramAccumulator()
-        for group_name in sorted(needed.get(i, ())):
-            site = next(p.site for p in plans if p.site.input_group == group_name)
-            acc.watch(group_name, layer.get_submodule(site.path))
-        try:
-            run_layer(layer, batches, cancel.check)
-        finally:
-            acc.close()
-        for group_name, gram in acc.grams.items():  # symmetric, complete
-            check_gram(gram, i, group_name, sorted({p.site.path for p in plans if p.site.input_group == group_name}))
-            grams[(group_name, i)] = gram
-            tokens = acc.tokens[group_name]
-        for plan in [p for p in pending.values() if p.layers[-1] == i]:
-            f = _factor_group(layers, plan, grams, whitening, device, full_factors)
-            # float64 was needed for the SVD and its check; float32 factors are exact enough to
-            # build float32/bf16 modules and halve the memory held until allocation.
-            factors[plan.key] = f.compact(torch.float64 if full_factors else torch.float32)
-            report.append({"group": plan.key, "method": f.whitening.method, "rank_of_gram": f.whitening.rank,
-                           "fallback": f.whitening.fallback_reason})
-            if f.whitening.fell_back:
-                events.warn("calibrate", f"{plan.key}: {f.whitening.fallback_reason}; used the eigen route")
-            del pending[plan.key]
-        # Drop per-layer Grams that no pending group still needs.
-        live = {(p.site.input_group, j) for p in pending.values() for j in p.layers}
-        for k in [k for k in grams if k not in live]:
-            del grams[k]
-        if checkpoint is not None:
-            hidden = [b.hidden for b in batches] if i < last_layer else None
-            checkpoint.save_calibration(CalibrationState(i + 1, hidden, grams, factors, report, tokens),
-                                        final=i == last_layer, layers=last_layer + 1)
-        events.progress("calibrate", i + 1, last_layer + 1, data={"unit": "layer"})
-    del batches
+        events.log("calibrate", f"resumed from the checkpoint: {state.next_layer} of {last + 1} layers done")
+    after: list = []
+    if checkpoint is not None:
+        after.append(lambda done: checkpoint.save_calibration(done.state, final=done.final, layers=done.last + 1))
+    after.append(lambda done: events.progress("calibrate", done.index + 1, done.last + 1, data={"unit": "layer"}))
+    walk = LayerWalk(model, adapter, plans, group_factorer(whitening, device, events, full_factors), strategies, after)
+    final = walk.run(windows, device, cancel.check, batch_size, state)
+    factors = final.factors
     spectra = [GroupSpectrum(p.key, p.matrix_type, p.layers, p.in_features, p.out_features,
                              factors[p.key].singular_values.cpu()) for p in plans]
-    events.log("calibrate", f"{len(factors)} groups factored, {tokens} tokens per Gram")
-    return Calibrated(factors, spectra, report, tokens)
-
-
-def _restore_inputs(batches: list, hidden: list[torch.Tensor] | None) -> None:
-    """Put a checkpoint's hidden states into freshly captured batches (same windows, same batching)."""
-    if hidden is None or len(hidden) != len(batches) or any(
-            h.shape != b.hidden.shape or h.dtype != b.hidden.dtype for h, b in zip(hidden, batches)):
-        raise RunFailed("the checkpoint's calibration inputs do not match this run's calibration batches; "
-                        "start over with --force (without --resume)")
-    for batch, h in zip(batches, hidden):
-        batch.hidden = h.to(batch.hidden.device)
+    events.log("calibrate", f"{len(factors)} groups factored, {final.tokens} tokens per Gram")
+    return Calibrated(factors, spectra, final.whitening, final.tokens)
 
 
 def allocate(allocator: Allocator, who: str, spectra: Sequence[GroupSpectrum], budget: int,
@@ -166,7 +109,15 @@ def allocate(allocator: Allocator, who: str, spectra: Sequence[GroupSpectrum], b
         ranks = allocator.allocate(list(spectra), budget, dict(options))
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - a plugin's bug (even sys.exit) is reported by name
         raise RunFailed(f"{who} raised {type(exc).__name__}: {exc}") from exc
-    return check_allocation(spectra, ranks, budget, who)
+    try:  # its answer is the plugin's code too: a mapping whose reading raises is still its fault
+        checked = check_allocation(spectra, ranks, budget, who)
+        json.dumps(checked.notes, default=str)  # notes go into report.json
+    except WorkbenchError:
+        raise
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - named, like a raise inside allocate()
+        raise PluginError(f"{who} returned an answer that cannot be read or saved in report.json: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    return checked
 
 
 def assemble(model: nn.Module, adapter: Adapter, plans: Sequence[GroupPlan], factors: dict[str, GroupFactors],
@@ -205,5 +156,5 @@ def assemble(model: nn.Module, adapter: Adapter, plans: Sequence[GroupPlan], fac
                 new.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)
             with blame(f"adapter '{adapter.name}'", f"replacing {plan.site.path} in layer {i}"):
                 adapter.replace_module(layers[i], plan.site.path, new)
-        del factors[plan.key]  # free the float64 factors as soon as they are used
+        del factors[plan.key]  # free the group's factors (float32 once compacted) as soon as they are used
     return table

@@ -20,8 +20,8 @@ class GroupFactors:
     """The SVD of one group's whitened matrix, truncated at the largest rank worth keeping."""
 
     singular_values: torch.Tensor  # all of them, float64, descending
-    u: torch.Tensor  # n·out × r (float64)
-    vt_linv: torch.Tensor  # r × in: V_rᵀ L⁻¹ (float64)
+    u: torch.Tensor  # n·out × r: float64 from the SVD, float32 after `compact`
+    vt_linv: torch.Tensor  # r × in: V_rᵀ L⁻¹, float64 from the SVD, float32 after `compact`
     out_features: int
     whitening: Whitening
 

@@ -9,7 +9,7 @@ from typing import Callable, Mapping, Sequence, Union
 from torch import nn
 
 from workbench.errors import PluginError, UsageError, blame
-from workbench.api import Adapter, Site, nearest
+from workbench.api import Adapter, Site, break_even_rank, nearest
 
 
 @dataclass(frozen=True)
@@ -127,3 +127,31 @@ def plan_groups(model: nn.Module, adapter: Adapter, targets: Sequence[str] | Non
     if not plans:
         raise UsageError("compression.targets/ignore leave nothing to compress")
     return plans
+
+
+def reachable_ratio(plans: Sequence[GroupPlan]) -> float:
+    """The largest `compression.ratio` an allocation can reach: every group kept at rank 1.
+
+    Allocators give each group a rank of at least 1, costing in + n·out parameters (or the dense
+    n·in·out where that is no larger), so no budget below that sum can be met.
+    """
+    dense = sum(len(p.layers) * p.in_features * p.out_features for p in plans)
+    return 1.0 - rank_one_cost(plans) / dense if dense else 0.0
+
+
+def rank_one_cost(plans: Sequence[GroupPlan]) -> int:
+    total = 0
+    for p in plans:
+        n, dense = len(p.layers), len(p.layers) * p.in_features * p.out_features
+        total += dense if break_even_rank(p.in_features, p.out_features, n) <= 1 else p.in_features + n * p.out_features
+    return total
+
+
+def unmatched_patterns(model: nn.Module, adapter: Adapter, patterns: Sequence[str]) -> list[str]:
+    """The patterns (of `compression.ignore`) that name no matrix of this model: likely a typo."""
+    with blame(f"adapter '{adapter.name}'", "listing the decoder layers and their matrices"):
+        layers = adapter.decoder_layers(model)
+        sites = adapter.sites(model)
+    prefix = module_prefix(model, layers)
+    names = [(s.matrix_type, f"{prefix}.{i}.{s.path}") for i in range(len(layers)) for s in sites]
+    return [p for p in patterns if not any(_matches(p, t, name) for t, name in names)]

@@ -16,6 +16,7 @@ from typing import Any
 from workbench.errors import Problem
 from workbench.api import Option, nearest
 from workbench.profile.locate import find_line, key_at, key_lines
+from workbench.sources.files import file_problem
 
 EMBEDDED_MODELS = ("embedded:smollm2-135m", "embedded:smollm2-135m-mha")
 DATASETS = ("embedded:wiki-vital", "wikitext2", "ptb", "c4")
@@ -121,8 +122,14 @@ def check_dataset(c: Checker, dataset: str, key: str) -> None:
     if dataset in DATASETS:
         return
     if dataset.lower().endswith(DATASET_SUFFIXES):
-        if path_kind(dataset) != "file":
+        try:
+            problem = file_problem(Path(dataset).expanduser())
+        except RuntimeError:  # an unknown ~user
+            problem = "file not found"
+        if problem == "file not found":
             c.add(key, f"file does not exist: {shown_path(dataset)}", DATASET_ALLOWED)
+        elif problem:  # a directory, a FIFO, a device, a broken link: say which
+            c.add(key, f"{shown_path(dataset)} {problem}", DATASET_ALLOWED)
         return
     c.add(key, f"unknown dataset {dataset!r}", DATASET_ALLOWED, nearest(dataset, DATASETS))
 

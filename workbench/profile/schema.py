@@ -1,9 +1,10 @@
 """Run profiles: TOML files parsed into validated dataclasses with every default filled in.
 
 A profile has the sections `[model]`, `[calibration]`, `[compression]` (with
-`[compression.allocator_options]`), `[[evaluate]]` and `[output]`, plus optional top-level `name`
-and `description`; `SECTIONS` declares their keys and defaults. Allocator and evaluator options are
-checked against what the registered plugin declares.
+`[compression.allocator_options]`), `[[evaluate]]`, `[output]` and `[signals.<name>]` (one table per
+signal, e.g. `[signals.fisher]`), plus optional top-level `name` and `description`; `SECTIONS`
+declares their keys and defaults. Allocator, evaluator and signal options are checked against what
+the registered plugin declares.
 
 Bad input never escapes as a traceback: every problem in the profile is collected in one pass and
 raised together as one `ProfileError`, each `Problem` naming the file, the dotted key
@@ -17,6 +18,7 @@ resolved profile keeps the user's strings as written.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -28,6 +30,7 @@ from typing import Any
 import tomlkit
 
 from workbench.errors import Problem, ProfileError
+from workbench.sources.files import file_problem
 from workbench.api import Option, nearest, validate_options
 from workbench.profile.checks import (
     DATASET_ALLOWED,
@@ -54,6 +57,7 @@ else:  # pragma: no cover
 # have shapes Option cannot express and are checked by hand below.
 # Chosen on held-out text (BENCHMARKS.md, "Allocators"): 3× lower perplexity than uniform at 20%.
 DEFAULT_ALLOCATOR = "loss-aware"
+MAX_PROFILE_BYTES = 4 << 20  # a profile is a few kB; anything this large is the wrong file
 
 SECTIONS: dict[str, tuple[Option, ...]] = {
     "model": (
@@ -74,7 +78,15 @@ SECTIONS: dict[str, tuple[Option, ...]] = {
         Option("targets", list, None, f"what to compress (default: the adapter's choice): {PATTERNS_ALLOWED}"),
         Option("ignore", list, [], f"what to leave dense: {PATTERNS_ALLOWED}"),
         Option("whitening", str, "cholesky", "how the Gram matrix is factored", choices=("cholesky", "eigen")),
+        Option("gram_precision", str, "auto", "how the Gram products are computed (docs/speed.md)",
+               choices=("float64", "float32-equilibrated", "auto")),
         Option("allocator_options", dict, {}, "options of the chosen allocator"),
+        Option("sequential", bool, False, "after allocation, re-factor each one-layer group from the compressed "
+               "model's own inputs (dense outputs stay the target; ranks unchanged)"),
+        Option("update", str, "none", "refit each low-rank layer's output factor Q in closed form against the "
+               "dense outputs", choices=("none", "closed-form")),
+        Option("ridge", float, 1e-6, "ridge of the closed-form update, relative to the mean diagonal of P·Ĝ·Pᵀ",
+               min=0.0),
     ),
     "output": (
         Option("dir", str, None, "output directory (default: runs/<profile file stem>)"),
@@ -86,7 +98,9 @@ TOP_LEVEL = (
     Option("description", str, "", "a line about what this profile is for"),
 )
 _BY_HAND = frozenset({"ratio", "group_size", "targets", "ignore", "allocator_options"})
-_TOP_ALLOWED = "name, description, [model], [calibration], [compression], [[evaluate]], [output]"
+_TOP_ALLOWED = "name, description, [model], [calibration], [compression], [[evaluate]], [output], [signals.<name>]"
+# Allocator options that became a signal's: refused with where they live now (no silent reinterpretation).
+MOVED_ALLOCATOR_OPTIONS = {"fisher_windows": ("fisher", "windows")}
 
 
 # --------------------------------------------------------------------------- the resolved profile
@@ -116,12 +130,10 @@ class CompressionSection:
     ignore: list[str]
     whitening: str
     allocator_options: dict[str, Any]
-
-    def group_size_for(self, matrix_type: str) -> int | None:
-        """The profile's group size for `matrix_type`, or None to take the adapter's default."""
-        if isinstance(self.group_size, dict):
-            return self.group_size.get(matrix_type)
-        return self.group_size
+    gram_precision: str = "auto"  # "float64", "float32-equilibrated" or "auto" (per device: docs/speed.md)
+    sequential: bool = False  # the compensate stage re-factors one-layer groups from the compressed stream
+    update: str = "none"  # "none" or "closed-form": the compensate stage refits Q (docs/compensation.md)
+    ridge: float = 1e-6  # the closed-form update's ridge, relative to mean diag(P·Ĝ·Pᵀ)
 
 
 @dataclass(frozen=True)
@@ -147,6 +159,8 @@ class Profile:
     compression: CompressionSection
     evaluate: list[EvaluateEntry]
     output: OutputSection
+    # {signal name: resolved options} for the signals the allocator needs and those the profile sets.
+    signals: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved profile as plain data; None values are left out, so it is valid TOML."""
@@ -159,6 +173,8 @@ class Profile:
             "evaluate": [{"evaluator": e.evaluator, **copy.deepcopy(e.options)} for e in self.evaluate],
             "output": dataclasses.asdict(self.output),
         }
+        if self.signals:
+            data["signals"] = copy.deepcopy(self.signals)
         return _drop_none(data)
 
     def to_toml(self) -> str:
@@ -197,7 +213,7 @@ def _check_compression(c: Checker, given: dict, registry: Any) -> CompressionSec
     group_size = check_group_size(c, v["group_size"])
 
     key = "compression.allocator_options"
-    given_options = c.table(v["allocator_options"], key, "[compression.allocator_options]")
+    given_options = dict(c.table(v["allocator_options"], key, "[compression.allocator_options]"))
     allocator = registry.allocators.get(v["allocator"])
     if allocator is None:
         names = sorted(registry.allocators)
@@ -205,9 +221,42 @@ def _check_compression(c: Checker, given: dict, registry: Any) -> CompressionSec
         c.add("compression.allocator", f"unknown allocator {v['allocator']!r}", allowed, nearest(v["allocator"], names))
         options = dict(given_options)
     else:
+        declared = {o.name for o in allocator.options}
+        for old, (signal, new) in MOVED_ALLOCATOR_OPTIONS.items():
+            if old in given_options and old not in declared:
+                del given_options[old]
+                c.add(f"{key}.{old}", f"moved: the option is now the signal's, [signals.{signal}] {new}",
+                      f"[signals.{signal}]\n{new} = ...", f"signals.{signal}.{new}")
         options, problems = validate_options(allocator.options, given_options, file=c.file, key_prefix=key)
         c.extend(problems)
-    return CompressionSection(float(ratio), v["allocator"], group_size, targets, ignore, v["whitening"], options)
+    return CompressionSection(float(ratio), v["allocator"], group_size, targets, ignore, v["whitening"], options,
+                              v["gram_precision"], v["sequential"], v["update"], float(v["ridge"]))
+
+
+def _check_signals(c: Checker, value: Any, registry: Any, allocator: str) -> dict[str, dict[str, Any]]:
+    """`[signals.<name>]` tables against the registered signals; the allocator's `needs` must be registered.
+
+    Returns the resolved options (defaults filled) of every signal the allocator needs or the profile sets.
+    """
+    registered = getattr(registry, "signals", {})
+    allowed = ", ".join(sorted(registered)) or "none installed"
+    given = c.table(value, "signals", "[signals.<name>]")
+    chosen = getattr(registry.allocators.get(allocator), "needs", ())
+    for name in chosen:
+        if name not in registered:
+            c.add("compression.allocator", f"allocator {allocator!r} needs the signal {name!r}, which no installed "
+                                           f"plugin registers", allowed, nearest(name, list(registered)))
+    resolved = {}
+    for name in [*chosen, *(n for n in given if n not in chosen)]:
+        if name not in registered:
+            if name in given:
+                c.add(f"signals.{name}", f"unknown signal {name!r}", allowed, nearest(name, list(registered)))
+            continue
+        options = c.table(given.get(name, {}), f"signals.{name}", f"[signals.{name}]")
+        resolved[name], problems = validate_options(registered[name].options, options, file=c.file,
+                                                    key_prefix=f"signals.{name}")
+        c.extend(problems)
+    return resolved
 
 
 def _check_evaluate(c: Checker, value: Any, registry: Any) -> list[EvaluateEntry]:
@@ -239,7 +288,7 @@ def _check_evaluate(c: Checker, value: Any, registry: Any) -> list[EvaluateEntry
 
 def _check_top_level(c: Checker, data: dict) -> None:
     """Report unknown top-level keys, suggesting the section a stray key belongs to."""
-    known = [o.name for o in TOP_LEVEL] + [*SECTIONS, "evaluate"]
+    known = [o.name for o in TOP_LEVEL] + [*SECTIONS, "evaluate", "signals"]
     for name, value in data.items():
         if name in known:
             continue
@@ -264,7 +313,8 @@ def parse_profile(text: str, file: str = "<profile>", registry: Any = None) -> P
     """Parse and validate profile text; raise ProfileError listing every problem found.
 
     `file` is only used in messages and for the defaults of `name` and `output.dir`.
-    `registry` is anything with `.allocators` and `.evaluators` dicts (default: the loaded plugins).
+    `registry` is anything with `.allocators` and `.evaluators` (and `.signals`) dicts (default: the
+    loaded plugins).
     """
     try:
         data = tomllib.loads(text)
@@ -295,6 +345,7 @@ def parse_profile(text: str, file: str = "<profile>", registry: Any = None) -> P
 
     compression = _check_compression(c, sections["compression"], registry)
     evaluate = _check_evaluate(c, data.get("evaluate", []), registry)
+    signals = _check_signals(c, data.get("signals", {}), registry, compression.allocator)
 
     output = c.section(sections["output"], "output", SECTIONS["output"])
     if output["dir"] is None:
@@ -314,12 +365,20 @@ def parse_profile(text: str, file: str = "<profile>", registry: Any = None) -> P
         compression=compression,
         evaluate=evaluate,
         output=OutputSection(**output),
+        signals=signals,
     )
 
 
 def load_profile(path: str | os.PathLike, registry: Any = None) -> Profile:
     """Read and parse a profile file; an unreadable file is a ProfileError with one Problem."""
     file = os.fspath(path)
+    problem = file_problem(file)  # a FIFO would hang and /dev/zero never end: refused before opening
+    if problem and problem != "file not found":
+        raise ProfileError([Problem(file, "", problem, allowed="a .toml file")])
+    with contextlib.suppress(OSError):
+        if os.path.getsize(file) > MAX_PROFILE_BYTES:
+            raise ProfileError([Problem(file, "", f"{os.path.getsize(file):,} bytes: far too large for a profile "
+                                                  f"(at most {MAX_PROFILE_BYTES:,}); is it the right file?")])
     try:
         text = Path(file).read_text(encoding="utf-8-sig")  # -sig: tolerate an editor's BOM
     except FileNotFoundError:

@@ -20,46 +20,16 @@ from rich.table import Table
 from rich.text import Text
 
 from workbench.errors import UsageError
-from workbench.events import LOG, PROGRESS, RESULT, STAGE_END, STAGE_START, WARNING, Event
+from workbench.render.literal import literal
+from workbench.events import GPU_ALLOCATED, LOG, PROGRESS, STAGE_END, STAGE_START, WARNING, Event
+from workbench.render.eta import StageEta
+from workbench.render.numbers import format_bytes, format_change, format_count, format_figure, format_seconds
+from workbench.report import Metric, Params, Report, load_report
 
 MODES = ("auto", "live", "plain", "json")
 
 
 # --------------------------------------------------------------------------- units
-
-
-def format_bytes(n: float | None) -> str:
-    """1288490188 -> '1.2 GiB'."""
-    if n is None:
-        return "n/a"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def format_seconds(s: float | None) -> str:
-    """3.21 -> '3.2 s', 125 -> '2 m 05 s', 7300 -> '2 h 01 m'."""
-    if s is None:
-        return "n/a"
-    if s < 60:
-        return f"{s:.1f} s"
-    s = int(round(s))
-    if s < 3600:
-        return f"{s // 60} m {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} m"
-
-
-def format_count(n: float | None) -> str:
-    """134515008 -> '134.5 M' (parameter counts)."""
-    if n is None:
-        return "n/a"
-    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            return f"{n / div:.1f} {suffix}"
-    return f"{n:.0f}"
 
 
 def _timestamp(t: float) -> str:
@@ -111,7 +81,8 @@ class PlainRenderer(_Renderer):
                 return
             line = f"{_timestamp(event.time)} [{event.stage}] {body}"
             if event.memory_bytes is not None:
-                line += f"  rss {format_bytes(event.memory_bytes)}"
+                label = "gpu" if event.memory_kind == GPU_ALLOCATED else "rss"
+                line += f"  {label} {format_bytes(event.memory_bytes)}"
             self.stream.write(line + "\n")
             self.stream.flush()
 
@@ -135,9 +106,9 @@ class PlainRenderer(_Renderer):
             return f"{_progress_text(event)}{' ' + msg if msg else ''}"
         if event.kind == WARNING:
             return f"WARNING: {msg}"
-        if event.kind == RESULT and not msg:
+        if not msg and event.data:  # a kind added later that carries only data
             return json.dumps(event.data, default=str)
-        return msg  # LOG, RESULT with a message, and kinds added later
+        return msg  # LOG, and kinds added later
 
 
 # --------------------------------------------------------------------------- JSON lines
@@ -184,6 +155,8 @@ class LiveRenderer(_Renderer):
         self._progress: Event | None = None
         self._memory: int | None = None
         self._peak_memory: int | None = None
+        self._memory_kind: str | None = None
+        self._eta_clock = StageEta()
         self._done: list[tuple[str, float | None]] = []
         self._lines: deque[Text] = deque(maxlen=log_lines)
 
@@ -197,10 +170,13 @@ class LiveRenderer(_Renderer):
     def __call__(self, event: Event) -> None:
         with self._lock:
             if event.memory_bytes is not None:
+                if event.memory_kind != self._memory_kind:  # a peak of host RSS says nothing about the GPU
+                    self._peak_memory, self._memory_kind = None, event.memory_kind
                 self._memory = event.memory_bytes
                 self._peak_memory = max(self._peak_memory or 0, event.memory_bytes)
             if event.kind == STAGE_START:
                 self._stage, self._stage_start, self._progress = event.stage, event.time, None
+                self._eta_clock.start(event.time)
             elif event.kind == STAGE_END:
                 took = event.time - self._stage_start if self._stage == event.stage and self._stage_start else None
                 self._done.append((event.stage, took))
@@ -209,10 +185,12 @@ class LiveRenderer(_Renderer):
             elif event.kind == PROGRESS:
                 if self._stage != event.stage:  # progress without a stage_start: start timing here
                     self._stage, self._stage_start = event.stage, event.time
+                    self._eta_clock.start(event.time)
+                self._eta_clock.progress(event.current, event.time)
                 self._progress = event
             elif event.kind == WARNING:
                 self._lines.append(Text(f"{_timestamp(event.time)[11:]} [{event.stage}] warning: {event.message}", style="yellow"))
-            elif event.kind in (LOG, RESULT) and event.message:
+            elif event.kind == LOG and event.message:
                 self._lines.append(Text(f"{_timestamp(event.time)[11:]} [{event.stage}] {event.message}", style="dim"))
 
     def eta(self) -> float | None:
@@ -221,11 +199,9 @@ class LiveRenderer(_Renderer):
             return self._eta(self.clock())
 
     def _eta(self, now: float) -> float | None:
-        fraction = self._progress.fraction if self._progress else None
-        if not fraction or self._stage_start is None:
+        if self._progress is None:
             return None
-        elapsed = max(0.0, now - self._stage_start)
-        return elapsed * (1 - fraction) / fraction
+        return self._eta_clock.remaining(self._progress.current, self._progress.total, now)
 
     def __rich__(self) -> Group:
         with self._lock:
@@ -254,7 +230,8 @@ class LiveRenderer(_Renderer):
                 elif elapsed is not None:
                     parts.append(Text(f"elapsed {format_seconds(elapsed)}", style="dim"))
             if self._memory is not None:
-                parts.append(Text(f"memory {format_bytes(self._memory)} (peak {format_bytes(self._peak_memory)})"))
+                kind = "GPU allocated" if self._memory_kind == GPU_ALLOCATED else "host RSS"
+                parts.append(Text(f"memory {format_bytes(self._memory)} ({kind}; peak {format_bytes(self._peak_memory)})"))
             parts.extend(self._lines)
             return Group(*parts)
 
@@ -278,35 +255,11 @@ def make_renderer(mode: str, console: Console) -> _Renderer:
 # --------------------------------------------------------------------------- summary
 
 
-def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _fmt_value(v: float | None, name: str = "") -> str:
-    if v is None:
-        return "n/a"
-    if "bytes" in name:  # memory figures: 1.2 GiB rather than 1,288,490,188
-        return format_bytes(v)
-    if abs(v) >= 1000:
-        return f"{v:,.0f}"
-    if abs(v) >= 1:
-        return f"{v:.2f}"
-    return f"{v:.4f}"
-
-
-def _change(dense: float | None, compressed: float | None) -> str:
-    if dense is None or compressed is None or dense == 0:
-        return ""
-    return f"×{compressed / dense:.3f} ({(compressed - dense) / abs(dense):+.1%})"
-
-
-def _params_rows(table: Table, params: Mapping[str, Any]) -> None:
-    for label, prefix, ratio_key in (
-        ("parameters, targeted layers", "targeted", "ratio_targeted"),
-        ("parameters, whole model", "model", "ratio_model"),
+def _params_rows(table: Table, params: Params) -> None:
+    for label, dense, comp, ratio in (
+        ("parameters, targeted layers", params.targeted_dense, params.targeted_compressed, params.ratio_targeted),
+        ("parameters, whole model", params.model_dense, params.model_compressed, params.ratio_model),
     ):
-        dense, comp = _num(params.get(f"{prefix}_dense")), _num(params.get(f"{prefix}_compressed"))
-        ratio = _num(params.get(ratio_key))
         if ratio is None and dense and comp is not None:
             ratio = 1 - comp / dense
         if dense is None and comp is None and ratio is None:
@@ -315,37 +268,34 @@ def _params_rows(table: Table, params: Mapping[str, Any]) -> None:
         table.add_row(label, format_count(dense), format_count(comp), change)
 
 
-def _figures(metric: Mapping[str, Any], label: str) -> Mapping[str, Any]:
-    details = metric.get("details")
-    side = details.get(label) if isinstance(details, Mapping) else None
-    figures = side.get("figures") if isinstance(side, Mapping) else None
-    return figures if isinstance(figures, Mapping) else {}
-
-
-def _metric_rows(table: Table, metrics: list[Mapping[str, Any]]) -> None:
+def _metric_rows(table: Table, metrics: list[Metric]) -> None:
     """One row per evaluator's headline value, then one indented row per figure it lists."""
     for m in metrics:
-        metric = m.get("metric") or ""
-        name = metric or m.get("evaluator") or "?"
-        if m.get("evaluator") and m.get("evaluator") != name:
-            name = f"{m['evaluator']} {name}"
-        if m.get("dataset"):
-            name += f" ({m['dataset']})"
-        dense, comp = _num(m.get("dense")), _num(m.get("compressed"))
-        if comp is None and m.get("error"):
-            table.add_row(name, _fmt_value(dense, metric), Text("failed", style="red"),
-                          Text(str(m["error"])[:60], style="red"))
+        metric = m.metric or ""
+        name = m.name
+        if m.evaluator and m.evaluator != name:
+            name = f"{m.evaluator} {name}"
+        if m.dataset:
+            name += f" ({m.dataset})"
+        if m.compressed is None and m.error:
+            table.add_row(literal(name), format_figure(m.dense, metric), Text("failed", style="red"),
+                          Text(m.error[:60], style="red"))
         else:
-            table.add_row(name, _fmt_value(dense, metric), _fmt_value(comp, metric), _change(dense, comp))
-        dense_figures, comp_figures = _figures(m, "dense"), _figures(m, "compressed")
+            table.add_row(literal(name), format_figure(m.dense, metric), format_figure(m.compressed, metric),
+                          format_change(m.dense, m.compressed))
+        dense_figures, comp_figures = m.figures("dense"), m.figures("compressed")
         for figure in dict.fromkeys([*dense_figures, *comp_figures]):
-            d, c = _num(dense_figures.get(figure)), _num(comp_figures.get(figure))
-            table.add_row(f"  {figure}", _fmt_value(d, figure), _fmt_value(c, figure), _change(d, c))
+            d, c = dense_figures.get(figure), comp_figures.get(figure)
+            table.add_row(literal(f"  {figure}"), format_figure(d, figure), format_figure(c, figure),
+                          format_change(d, c))
 
 
-def summary_table(report: Mapping[str, Any]) -> Table:
-    """The end-of-run summary: parameters and metrics dense → compressed, time, peak memory."""
-    report = report or {}
+def summary_table(report: Report | Mapping[str, Any] | None) -> Table:
+    """The end-of-run summary: parameters and metrics dense → compressed, time, peak memory.
+
+    `report` is a `Report` or report.json's contents, of any format (read with `load_report`).
+    """
+    r = load_report(report or {})
     blocks: list[Any] = []
 
     results = Table(title="dense → compressed", title_justify="left")
@@ -353,43 +303,42 @@ def summary_table(report: Mapping[str, Any]) -> Table:
     results.add_column("dense", justify="right")
     results.add_column("compressed", justify="right")
     results.add_column("change", justify="right")
-    params = report.get("params") or {}
-    if isinstance(params, Mapping):
-        _params_rows(results, params)
-    metrics = report.get("metrics") or []
-    if metrics:
+    _params_rows(results, r.params)
+    if r.metrics:
         results.add_section()
-        _metric_rows(results, [m for m in metrics if isinstance(m, Mapping)])
+        _metric_rows(results, r.metrics)
     if results.row_count:
         blocks.append(results)
 
     resources = Table(title="time and memory", title_justify="left", show_header=False)
     resources.add_column("")
     resources.add_column("", justify="right")
-    timings = report.get("timings") or {}
-    if isinstance(timings, Mapping):
-        for stage, seconds in timings.items():
-            if stage != "total_s" and _num(seconds) is not None:
-                resources.add_row(stage.removesuffix("_s"), format_seconds(seconds))
-        if _num(timings.get("total_s")) is not None:
-            resources.add_row(Text("total", style="bold"), Text(format_seconds(timings["total_s"]), style="bold"))
-    peak = report.get("peak_memory")
-    if _num(peak) is not None:  # tolerate a bare byte count
-        peak = {"rss_bytes": peak}
-    if isinstance(peak, Mapping):
+    for stage, seconds in r.timings.items():
+        if stage != "total_s":
+            resources.add_row(literal(stage.removesuffix("_s")), format_seconds(seconds))
+    if "total_s" in r.timings:
+        resources.add_row(Text("total", style="bold"), Text(format_seconds(r.timings["total_s"]), style="bold"))
+    peak = r.peak_memory
+    if peak.rss_bytes is not None or peak.cuda_bytes is not None:
         if resources.row_count:
             resources.add_section()
-        if _num(peak.get("rss_bytes")) is not None:
-            resources.add_row("peak memory (RSS)", format_bytes(peak["rss_bytes"]))
-        if _num(peak.get("cuda_bytes")) is not None:
-            resources.add_row("peak GPU memory", format_bytes(peak["cuda_bytes"]))
+        if peak.rss_bytes is not None:
+            resources.add_row("peak memory (RSS)", format_bytes(peak.rss_bytes))
+        if peak.cuda_bytes is not None:
+            resources.add_row("peak GPU memory", format_bytes(peak.cuda_bytes))
     if resources.row_count:
         blocks.append(resources)
-    if report.get("resumed_from_checkpoint"):
-        reused = ", ".join(str(r) for r in report["resumed_from_checkpoint"])
+    if r.compensation:
+        from workbench.render.report_md import compensation_text
+
+        blocks.append(Text("compensation: " + compensation_text(r.compensation)))
+    if r.resumed_from_checkpoint:
+        reused = ", ".join(r.resumed_from_checkpoint)
         blocks.append(Text(f"resumed from a checkpoint: {reused} (times cover this run only)"))
-    if report.get("output_dir"):
-        blocks.append(Text(f"output: {report['output_dir']}"))
+    if r.output_dir:
+        blocks.append(Text(f"output: {r.output_dir}"))
+    if r.notes:  # a damaged or hand-edited report: say what was left out rather than fail
+        blocks.append(Text("left out (unreadable in report.json): " + "; ".join(r.notes), style="yellow"))
 
     outer = Table.grid()
     for i, block in enumerate(blocks):
@@ -399,5 +348,5 @@ def summary_table(report: Mapping[str, Any]) -> Table:
     return outer
 
 
-def print_summary(console: Console, report: Mapping[str, Any]) -> None:
+def print_summary(console: Console, report: Report | Mapping[str, Any]) -> None:
     console.print(summary_table(report))

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping
 
-from workbench.render.display import format_bytes
+from workbench.render.numbers import format_bytes, format_change
+from workbench.report import Metric, Report, load_report
 
 
 def _num(value: Any, digits: int = 4, name: str = "") -> str:
+    """One table cell: numbers to `digits` significant digits (bytes in binary units), text escaped."""
     if value is None:
         return "—"
     if isinstance(value, bool):
@@ -29,17 +31,6 @@ def _num(value: Any, digits: int = 4, name: str = "") -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _change(dense: Any, compressed: Any) -> str:
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (dense, compressed)) or not dense:
-        return ""
-    return f"×{compressed / dense:.3f}"
-
-
-def _details(metric: Mapping[str, Any], label: str) -> dict[str, Any]:
-    details = (metric.get("details") or {}).get(label)
-    return details if isinstance(details, Mapping) else {}
-
-
 def _flatten(details: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     for key, value in details.items():
         if not prefix and key in ("figures", "protocol"):
@@ -51,37 +42,35 @@ def _flatten(details: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str
             yield name, value
 
 
-def _metric_rows(metrics: list[Mapping[str, Any]]) -> list[str]:
+def _metric_rows(metrics: list[Metric]) -> list[str]:
     rows = ["| evaluator | dataset | metric | dense | compressed | change |", "|---|---|---|---|---|---|"]
     for m in metrics:
-        name = m.get("metric") or ""
-        dense, compressed = m.get("dense"), m.get("compressed")
-        shown = _num(compressed, name=name) if "error" not in m else f"failed: {_num(m['error'])}"
-        change = _change(dense, compressed) if "error" not in m else ""
-        rows.append(f"| {m.get('evaluator')} | {_num(m.get('dataset')) if m.get('dataset') else ''} | {name} | {_num(dense, name=name)} | "
-                    f"{shown} | {change} |")
-        dense_fig = _details(m, "dense").get("figures") or {}
-        comp_fig = _details(m, "compressed").get("figures") or {}
+        name = m.metric or ""
+        shown = _num(m.compressed, name=name) if m.error is None else f"failed: {_num(m.error)}"
+        change = format_change(m.dense, m.compressed, percent=False) if m.error is None else ""
+        rows.append(f"| {_num(m.evaluator)} | {_num(m.dataset) if m.dataset else ''} | {_num(name)} | "
+                    f"{_num(m.dense, name=name)} | {shown} | {change} |")
+        dense_fig, comp_fig = m.figures("dense"), m.figures("compressed")
         for fig in dict.fromkeys([*dense_fig, *comp_fig]):
             d, c = dense_fig.get(fig), comp_fig.get(fig)
-            rows.append(f"| {m.get('evaluator')} | | {fig} | {_num(d, name=fig)} | {_num(c, name=fig)} | {_change(d, c)} |")
+            rows.append(f"| {_num(m.evaluator)} | | {_num(fig)} | {_num(d, name=fig)} | {_num(c, name=fig)} | "
+                        f"{format_change(d, c, percent=False)} |")
     return rows
 
 
-def _detail_sections(metrics: list[Mapping[str, Any]]) -> list[str]:
+def _detail_sections(metrics: list[Metric]) -> list[str]:
     lines = ["## Evaluation details"]
     for m in metrics:
-        dense, compressed = _details(m, "dense"), _details(m, "compressed")
-        title = f"{m.get('evaluator')} ({m['dataset']})" if m.get("dataset") else f"{m.get('evaluator')}"
+        dense, compressed = m.side("dense"), m.side("compressed")
+        title = f"{m.evaluator} ({m.dataset})" if m.dataset else f"{m.evaluator}"
         lines += ["", f"### {title}", ""]
         protocol = compressed.get("protocol") or dense.get("protocol")
         if protocol:
             lines.append(f"- protocol: {protocol}")
-        options = m.get("options") or {}
-        if options:
-            lines.append("- options: " + ", ".join(f"{k} = {_num(v)}" for k, v in options.items()))
-        if "error" in m:
-            lines.append(f"- failed: {_num(m['error'])}")
+        if m.options:
+            lines.append("- options: " + ", ".join(f"{k} = {_num(v)}" for k, v in m.options.items()))
+        if m.error is not None:
+            lines.append(f"- failed: {_num(m.error)}")
         d_flat, c_flat = dict(_flatten(dense)), dict(_flatten(compressed))
         keys = list(dict.fromkeys([*d_flat, *c_flat]))
         if keys:
@@ -92,7 +81,6 @@ def _detail_sections(metrics: list[Mapping[str, Any]]) -> list[str]:
 
 def _whitening_lines(entries: list[Mapping[str, Any]]) -> list[str]:
     """Which groups left the Cholesky route and why: a user judging the result needs to see it."""
-    entries = [e for e in entries if isinstance(e, Mapping)]
     if not entries:
         return []
     fell = [e for e in entries if e.get("fallback")]
@@ -105,24 +93,57 @@ def _whitening_lines(entries: list[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def render_report_md(report: dict[str, Any]) -> str:
-    params = report.get("params", {})
-    lines = [f"# workbench run: {report.get('profile_name', '?')}", ""]
-    model = report.get("model", {})
-    lines += [f"- model: `{model.get('source')}` (adapter {model.get('adapter')}, {model.get('device')}, {model.get('dtype')})",
-              f"- allocator: {report.get('allocator', {}).get('name')}",
-              f"- calibration: {report.get('calibration', {}).get('windows')} × {report.get('calibration', {}).get('seq_len')} tokens",
-              f"- removed: {100 * params.get('ratio_targeted', 0):.2f}% of targeted parameters "
-              f"(requested {100 * params.get('ratio_requested', 0):.2f}%), {100 * params.get('ratio_model', 0):.2f}% of the whole model",
-              *_whitening_lines(report.get("whitening") or []),
-              "", "## Metrics", ""]
-    metrics = [m for m in report.get("metrics", []) if isinstance(m, Mapping)]
-    lines += _metric_rows(metrics)
-    if metrics:
-        lines += ["", *_detail_sections(metrics)]
+def compensation_text(section: Mapping[str, Any] | None) -> str | None:
+    """One line on the compensate stage (options, what changed, objective, time); None when it did not run."""
+    if not section:
+        return None
+    sites = [s for s in section.get("sites") or [] if isinstance(s, Mapping)]
+    changed = sum(bool(s.get("updated") or s.get("refactored")) for s in sites)
+    text = (f"sequential = {_num(section.get('sequential'))}, update = {_num(section.get('update'))} "
+            f"(ridge {_num(section.get('ridge'))}): {changed} of {len(sites)} sites changed")
+    before, after = section.get("objective_before"), section.get("objective_after")
+    if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+        text += f", calibration objective {_num(float(before))} → {_num(float(after))}"
+        if before:
+            text += f" ({100 * (after - before) / before:+.1f}%)"
+    seconds = section.get("time_s")
+    if isinstance(seconds, (int, float)):
+        text += f", {seconds:.1f} s"
+    return text
+
+
+def _compensation_lines(section: Mapping[str, Any] | None) -> list[str]:
+    text = compensation_text(section)
+    if text is None:
+        return []
+    return [f"- compensation: {text}", *(f"  - {_num(n)}" for n in section.get("notes") or [])]
+
+
+def _percent(ratio: float | None) -> str:
+    return "—" if ratio is None else f"{100 * ratio:.2f}%"
+
+
+def render_report_md(report: Report | Mapping[str, Any]) -> str:
+    """report.md for a report (a `Report`, or report.json's contents from any format)."""
+    r = load_report(report)
+    p, model, calibration = r.params, r.model, r.calibration
+    lines = [f"# workbench run: {r.profile_name or '?'}", ""]
+    lines += [f"- model: `{model.source}` (adapter {model.adapter}, {model.device}, {model.dtype})",
+              f"- allocator: {r.allocator.name}",
+              f"- calibration: {_num(calibration.windows)} × {_num(calibration.seq_len)} tokens",
+              f"- removed: {_percent(p.ratio_targeted)} of targeted parameters "
+              f"(requested {_percent(p.ratio_requested)}), {_percent(p.ratio_model)} of the whole model",
+              *_whitening_lines(r.whitening), *_compensation_lines(r.compensation)]
+    if r.notes:  # a report from a hand edit or a damaged file: say what could not be shown
+        lines += ["- left out of this report (unreadable in report.json): " + "; ".join(_num(n) for n in r.notes)]
+    lines += ["", "## Metrics", ""]
+    lines += _metric_rows(r.metrics)
+    if r.metrics:
+        lines += ["", *_detail_sections(r.metrics)]
     lines += ["", "## Timings", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in report.get("timings", {}).items()]
+    lines += [f"| {_num(k)} | {v:.1f} |" for k, v in r.timings.items()]
     lines += ["", "## Ranks", "", "| group | in | out | rank | max useful | dense | effective rank |", "|---|---|---|---|---|---|---|"]
-    for r in report.get("ranks", []):
-        lines.append(f"| {r['group']} | {r['in']} | {r['out']} | {r['rank']} | {r['max_rank']} | {r['dense']} | {r['effective_rank']} |")
+    for row in r.ranks:
+        lines.append(f"| {_num(row.group)} | {_num(row.in_features)} | {_num(row.out_features)} | {_num(row.rank)} | "
+                     f"{_num(row.max_rank)} | {_num(row.dense)} | {_num(row.effective_rank)} |")
     return "\n".join(lines) + "\n"

@@ -21,10 +21,12 @@ from typing import Callable, Sequence
 import psutil
 import torch
 
+from workbench.api import break_even_rank
 from workbench.errors import UsageError
+from workbench.render.numbers import format_bytes as human
 
-# Tokenizer, config and manifest files saved beside the weights: a few MB for every model we know.
-MODEL_EXTRAS = 20_000_000
+# Tokenizer, config and manifest files saved beside the weights: a few MiB for every model we know.
+MODEL_EXTRAS = 20 << 20
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Shapes:
     seq_len: int  # S
     ratio: float
     batch: int = 8  # the engine's calibration batch
+    compensate: bool = False  # the compensate stage runs ([compression] sequential / update)
 
 
 @dataclass(frozen=True)
@@ -50,15 +53,15 @@ class Estimate:
     transient: int  # the larger of factoring the largest group and one layer's forward over a batch
     model_file: int  # the saved compressed model
     checkpoint: int  # the work directory at its fullest
+    compensation: int = 0  # the compensate stage's second stream and one layer's dense inputs; 0 when off
 
     @property
     def memory(self) -> int:
-        """Memory the run adds on top of the loaded model, at its peak (end of calibration)."""
-        return self.inputs + self.grams + self.factors + self.transient
+        """Memory the run adds on top of the loaded model, at its peak (end of calibration).
 
-
-def break_even_rank(n: int, fan_in: int, fan_out: int) -> int:
-    return min(fan_in, n * fan_out, n * fan_in * fan_out // (fan_in + n * fan_out))
+        The compensate stage's extra stream is added on top (it comes after calibration, so this
+        over-counts a little, which is the safe side)."""
+        return self.inputs + self.grams + self.factors + self.transient + self.compensation
 
 
 def estimate(s: Shapes) -> Estimate:
@@ -70,7 +73,7 @@ def estimate(s: Shapes) -> Estimate:
     for name, n, fan_in, _ in s.groups:
         widest[name] = max(widest.get(name, (0, 0)), (n, fan_in))
     grams = 8 * sum(n * fan_in ** 2 for n, fan_in in widest.values())
-    factors = 4 * sum(break_even_rank(n, i, o) * (i + n * o) for _, n, i, o in s.groups)
+    factors = 4 * sum(break_even_rank(i, o, n) * (i + n * o) for _, n, i, o in s.groups)
     factoring = max(2 * 8 * i * i + 6 * 8 * n * o * i for _, n, i, o in s.groups)
     rows, widest_in = min(s.batch, s.windows) * s.seq_len, max(i for _, _, i, _ in s.groups)
     forward = 3 * b * rows * widest_in + 8 * rows * widest_in  # MLP activations + the Gram hook's float64 copy
@@ -78,7 +81,12 @@ def estimate(s: Shapes) -> Estimate:
     model_file = int(b * (s.params - s.ratio * targeted)) + MODEL_EXTRAS
     # Factors + the Grams of pending groups + two layers' inputs (the new one is written before the old goes).
     checkpoint = factors + grams + 2 * hidden_states
-    return Estimate(inputs, grams, factors, max(factoring, forward), model_file, checkpoint)
+    # Compensation: the compressed stream beside the dense one, plus one layer's dense inputs per input group.
+    compensation = 0
+    if s.compensate:
+        widths = {name: fan_in for name, _, fan_in, _ in s.groups}
+        compensation = hidden_states + b * tokens * sum(widths.values())
+    return Estimate(inputs, grams, factors, max(factoring, forward), model_file, checkpoint, compensation)
 
 
 def shapes_of(model: torch.nn.Module, plans: Sequence, profile, params: int) -> Shapes:
@@ -88,7 +96,9 @@ def shapes_of(model: torch.nn.Module, plans: Sequence, profile, params: int) -> 
     head_dim = getattr(config, "head_dim", None) or (hidden // heads if heads else 0)
     return Shapes(params, next(model.parameters()).element_size(), hidden, head_dim,
                   [(p.site.input_group, len(p.layers), p.in_features, p.out_features) for p in plans],
-                  profile.calibration.samples, profile.calibration.seq_len, profile.compression.ratio)
+                  profile.calibration.samples, profile.calibration.seq_len, profile.compression.ratio,
+                  compensate=bool(getattr(profile.compression, "sequential", False))
+                  or getattr(profile.compression, "update", "none") != "none")
 
 
 def free_disk(location: Path) -> int:
@@ -102,13 +112,6 @@ def free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     return int(psutil.virtual_memory().available)
-
-
-def human(n: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def check(est: Estimate, location: Path, device: torch.device, save_model: bool, already_on_disk: int = 0,
@@ -132,7 +135,8 @@ def check(est: Estimate, location: Path, device: torch.device, save_model: bool,
         problems.append(
             f"the calibration may not fit in {device.type} memory: it needs about {human(est.memory)} on top "
             f"of the loaded model (calibration inputs {human(est.inputs)}, Grams {human(est.grams)}, factors "
-            f"kept until allocation {human(est.factors)}, largest transient {human(est.transient)}; see "
+            f"kept until allocation {human(est.factors)}, largest transient {human(est.transient)}"
+            f"{f', compensation stream {human(est.compensation)}' if est.compensation else ''}; see "
             f"docs/scaling.md) and {human(mem_free)} is available. The inputs shrink with calibration.samples "
             f"× calibration.seq_len; the factors grow with the targeted weights (compression.targets), so a "
             f"model this size may need a machine with more memory")

@@ -8,44 +8,40 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from workbench.api import validate_options
 from workbench.engine.allocation import budget_for, total_cost
-from workbench.engine.compress import allocate, calibrate
+from workbench.engine.compress import allocate
+from workbench.errors import UsageError
 from workbench.events import CancelToken, EventBus
-from workbench.engine.grouping import plan_groups
-from workbench.engine.sensitivity import attach_signals, signal_window_count
+from workbench.run.stages import Calibrate, Load, RunContext, Signals, run_stages
+
+
+def allocator_options(profile, allocator) -> dict[str, Any]:
+    """The profile's options for its own allocator; any other allocator's defaults, filled by the same validation."""
+    given = profile.compression.allocator_options if allocator.name == profile.compression.allocator else {}
+    options, problems = validate_options(allocator.options, given, file=profile.path or "<profile>",
+                                         key_prefix="compression.allocator_options")
+    if problems:
+        raise UsageError("; ".join(f"{p.key}: {p.message}" for p in problems))
+    return options
 
 
 def rank_map(profile, registry, allocators: Sequence[str] | None = None, ratio: float | None = None,
              events: EventBus | None = None, cancel: CancelToken | None = None) -> dict[str, Any]:
     """{"ratio", "budget", "allocators", "rows": [per group: type, layers, shape, R_eff, ranks per allocator]}."""
-    from workbench.sources.text import calibration_windows
-    from workbench.sources.models import load_model
-
-    events = events or EventBus()
-    cancel = cancel or CancelToken()
     names = list(allocators) if allocators else sorted(registry.allocators)
     chosen = [registry.get("allocator", n) for n in names]
+    ctx = RunContext(profile, registry, events or EventBus(), cancel or CancelToken(), ratio=ratio,
+                     signal_names=tuple(dict.fromkeys(s for a in chosen for s in a.needs)))
+    run_stages(ctx, [Load(), Calibrate(), Signals()])  # as a run does, without checkpoints or output
     ratio = profile.compression.ratio if ratio is None else ratio
-    loaded = load_model(profile.model.source, profile.model.dtype, profile.model.device, events=events)
-    adapter = registry.adapter_for(loaded.model)
-    plans = plan_groups(loaded.model, adapter, profile.compression.targets, profile.compression.ignore,
-                        profile.compression.group_size)
-    windows = calibration_windows(loaded.tokenizer, profile.calibration.dataset, profile.calibration.samples,
-                                  profile.calibration.seq_len, profile.calibration.seed)
-    cal = calibrate(loaded.model, adapter, plans, windows, loaded.device, events, cancel,
-                    whitening=profile.compression.whitening)
+    cal = ctx.calibrated
     budget = budget_for(cal.spectra, ratio)
     dense = sum(s.dense_params for s in cal.spectra)
     answers, achieved, notes = {}, {}, {}
     for name, allocator in zip(names, chosen):
-        options = {o.name: o.default for o in allocator.options}
-        if name == profile.compression.allocator:
-            options.update(profile.compression.allocator_options)
-        missing = [s for s in allocator.needs if any(s not in g.sensitivity for g in cal.spectra)]
-        if missing:
-            attach_signals(missing, cal.spectra, loaded.model, adapter, plans, cal.factors,
-                           windows[:signal_window_count(options, windows.shape[0])], loaded.device, events, cancel)
-        ranks = allocate(allocator, registry.describe("allocator", name), cal.spectra, budget, options)
+        ranks = allocate(allocator, registry.describe("allocator", name), cal.spectra, budget,
+                         allocator_options(profile, allocator))
         answers[name], notes[name] = ranks, ranks.notes
         achieved[name] = 1 - total_cost(cal.spectra, ranks) / dense
     rows = [{"group": s.key, "type": s.matrix_type, "layers": list(s.layers), "in": s.in_features,
@@ -53,61 +49,3 @@ def rank_map(profile, registry, allocators: Sequence[str] | None = None, ratio: 
              "ranks": {n: answers[n][s.key] for n in names}} for s in cal.spectra]
     return {"model": profile.model.source, "ratio": ratio, "budget": budget, "allocators": names,
             "ratio_targeted": achieved, "notes": notes, "rows": rows}
-
-
-def render_table(data: dict[str, Any]) -> str:
-    """Plain fixed-width text: one line per group, ordered by layer then matrix type."""
-    names = data["allocators"]
-    head = ["layers", "type", "in×out", "max", "R_eff", *names]
-    order = {t: i for i, t in enumerate(dict.fromkeys(r["type"] for r in data["rows"]))}
-    rows = sorted(data["rows"], key=lambda r: (r["layers"][0], order[r["type"]]))
-    body = [[_layers(r["layers"]), r["type"], f"{r['in']}×{r['out']}", str(r["max_rank"]),
-             f"{r['effective_rank']:.1f}", *(str(r["ranks"][n]) for n in names)] for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    lines = [f"{data['model']}: ratio {data['ratio']}, budget {data['budget']:,} parameters; "
-             "R_eff = effective rank of the whitened group, max = break-even rank (dense from there)"]
-    lines.append("  ".join(h.rjust(w) for h, w in zip(head, widths)))
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in body]
-    lines.append("ratio achieved: " + ", ".join(f"{n} {data['ratio_targeted'][n]:.4f}" for n in names))
-    return "\n".join(lines)
-
-
-def _layers(layers: list[int]) -> str:
-    return str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
-
-
-def plot_png(data: dict[str, Any], path) -> None:
-    """One panel per matrix type: each allocator's rank by layer (as a share of max_rank), and R_eff."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError("--plot needs matplotlib: pip install 'workbench[plot]'") from exc
-    types = list(dict.fromkeys(r["type"] for r in data["rows"]))
-    cols = min(4, len(types))
-    rows_n = -(-len(types) // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(3.6 * cols, 3.0 * rows_n), sharey=True, squeeze=False)
-    flat = [ax for row in axes for ax in row]
-    for ax in flat[len(types):]:
-        ax.axis("off")
-    for ax, mtype in zip(flat, types):
-        rows = sorted((r for r in data["rows"] if r["type"] == mtype), key=lambda r: r["layers"][0])
-        x = [sum(r["layers"]) / len(r["layers"]) for r in rows]
-        for name in data["allocators"]:
-            ax.plot(x, [r["ranks"][name] / r["max_rank"] for r in rows], marker=".", lw=1, label=name)
-        twin = ax.twinx()
-        twin.plot(x, [r["effective_rank"] for r in rows], color="grey", ls="--", lw=0.8)
-        twin.tick_params(labelsize=6, colors="grey")
-        ax.set_title(mtype, fontsize=9)
-        ax.set_xlabel("layer", fontsize=8)
-        ax.tick_params(labelsize=7)
-    for row in axes:
-        row[0].set_ylabel("rank / break-even rank", fontsize=8)
-    handles, labels = flat[0].get_legend_handles_labels()
-    (flat[-1] if len(flat) > len(types) else flat[0]).legend(handles, labels, fontsize=7, loc="center")
-    fig.suptitle(f"{data['model']} at ratio {data['ratio']} (dashed grey: effective rank, right axis)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

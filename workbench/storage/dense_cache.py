@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from workbench.storage.durable_files import write_atomically
 
 
 def _key(fingerprint: str, evaluator: str, version: str, options: dict[str, Any], device_type: str, dtype: str) -> str:
@@ -40,7 +41,5 @@ class DenseCache:
     def put(self, value: dict[str, Any], *key_parts) -> None:
         path = self._path(*key_parts)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(value, f)
-        os.replace(tmp, path)
+        text = json.dumps(value)  # before any file exists: a value JSON cannot hold leaves nothing behind
+        write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

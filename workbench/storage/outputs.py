@@ -64,10 +64,28 @@ def not_replaceable(target: Path) -> str | None:
     if not ours:
         return (f"it is not a workbench output (no {MARKER} nor workbench report.json"
                 + (f"; it holds {_shown(names)})" if names else ")"))
-    foreign = [n for n in names if n not in OUTPUT_ENTRIES]
+    foreign = [n for n in names if n not in OUTPUT_ENTRIES | _recorded_entries(target)]
     if foreign:
         return f"it holds {_shown(foreign)}, which workbench did not write"
     return None
+
+
+def _recorded_entries(target: Path) -> set[str]:
+    """The entries a non-run output (an export) listed in its marker when it was written."""
+    try:
+        entries = json.loads((target / MARKER).read_text()).get("entries", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {e for e in entries if isinstance(e, str)} if isinstance(entries, list) else set()
+
+
+def record_entries(folder: Path, kind: str) -> None:
+    """Rewrite `folder`'s marker to list what is in it now, so that --force may later replace a
+    `kind` output (e.g. an export) whose files are not a run's, and only while it holds nothing else."""
+    from workbench import __version__
+
+    entries = sorted(p.name for p in Path(folder).iterdir() if p.name != MARKER)
+    (Path(folder) / MARKER).write_text(json.dumps({"workbench": __version__, "kind": kind, "entries": entries}) + "\n")
 
 
 def check_target(target: Path, force: bool) -> None:

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from workbench.errors import UsageError, blame
+from workbench.errors import UsageError, WorkbenchError, blame
+from workbench.sources.files import check_file, read_json
 from workbench.engine.lowrank import LowRankLinear
 from workbench.api import Adapter
 
@@ -93,23 +94,75 @@ def _saved_adapter(manifest: dict[str, Any]) -> Adapter:
     return Adapter()  # build_model / replace_module defaults fit any transformers causal LM
 
 
-def load_compressed(path, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild the compressed model with the same structure and weights it was saved with."""
-    from transformers import AutoConfig
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
-    directory = _model_dir(Path(path))
-    manifest = json.loads((directory / "compression.json").read_text())
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    """compression.json, checked field by field so a damaged one is named instead of a KeyError later."""
+    manifest = read_json(directory / "compression.json", "compressed model", max_bytes=256 << 20)
+    if not isinstance(manifest, dict):
+        raise UsageError(f"{directory}/compression.json: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != FORMAT:
         raise UsageError(f"{directory}: unsupported format {manifest.get('format')!r} (expected {FORMAT})")
+    problems = []
+    if manifest.get("dtype") not in _DTYPES:
+        problems.append(f"dtype {manifest.get('dtype')!r} (expected one of {', '.join(_DTYPES)})")
+    groups = manifest.get("groups")
+    if not isinstance(groups, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("group"), str) and isinstance(g.get("modules"), list)
+            and all(isinstance(m, str) for m in g["modules"])
+            and all(isinstance(g.get(k), int) and not isinstance(g.get(k), bool) and g[k] >= 1
+                    for k in ("rank", "in", "out")) for g in groups):
+        problems.append("'groups' is not a list of {group, modules, rank, in, out}")
+    for key in ("tied", "biases"):
+        if not isinstance(manifest.get(key), dict):
+            problems.append(f"'{key}' is not an object")
+    if problems:
+        raise UsageError(f"{directory}/compression.json is damaged: " + "; ".join(problems))
+    return manifest
+
+
+def load_compressed(path, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild the compressed model with the same structure and weights it was saved with.
+
+    A damaged folder (a file missing, truncated or edited) is a UsageError naming the file and what is
+    wrong; an installed adapter that fails is a PluginError naming it.
+    """
+    directory = _model_dir(Path(path))
+    try:
+        return _load(directory, device, dtype)
+    except WorkbenchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes torch, safetensors or transformers raise
+        raise UsageError(f"{directory}: the saved model cannot be loaded, a file in it is damaged or does not "
+                         f"match compression.json ({type(exc).__name__}: {exc})") from exc
+
+
+def _load(directory: Path, device: str, dtype: torch.dtype | None) -> nn.Module:
+    from transformers import AutoConfig
+
+    manifest = _read_manifest(directory)
     saved_dtype = getattr(torch, manifest["dtype"])
-    from workbench.sources.models import refuse_remote_code
+    from workbench.sources.models import check_model_files, refuse_remote_code
 
     refuse_remote_code(directory)  # before transformers reads the config: never run a model folder's code
-    config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+    weights = check_file(directory / "model.safetensors", "compressed model")
+    check_model_files(directory, "compressed model")  # config.json readable, model.safetensors complete
+    try:
+        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{directory}/config.json cannot be read: {exc}") from exc
     adapter = _saved_adapter(manifest)
     with blame(f"adapter '{adapter.name}'", f"building the model of {directory}"):
         model = adapter.build_model(config, saved_dtype)
-    state = load_file(str(directory / "model.safetensors"))
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a truncated file
+        raise UsageError(f"{weights}: truncated or not a safetensors file ({exc})") from exc
+    absent = [BASIS_PREFIX + g["group"] for g in manifest["groups"] if BASIS_PREFIX + g["group"] not in state]
+    if absent:
+        raise UsageError(f"{weights}: does not match compression.json: no tensor {absent[0]}"
+                         + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""))
     for group in manifest["groups"]:
         basis = nn.Parameter(state.pop(BASIS_PREFIX + group["group"]), requires_grad=False)
         for name in group["modules"]:

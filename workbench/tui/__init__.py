@@ -10,8 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def main(profiles_dir: Path, runs_dir: Path | None = None) -> None:
-    """Open the app on `profiles_dir`; results are read from `runs_dir` (default ./runs)."""
+def main(profiles_dir: Path, runs_dir: Path | None = None) -> int:
+    """Open the app on `profiles_dir`; results are read from `runs_dir` (default ./runs).
+
+    Returns the exit code: 0 when the user quit, non-zero when the app crashed (Textual shows why).
+    """
     from workbench.tui.app import WorkbenchApp
 
-    WorkbenchApp(Path(profiles_dir), Path(runs_dir) if runs_dir is not None else Path("runs")).run()
+    app = WorkbenchApp(Path(profiles_dir), Path(runs_dir) if runs_dir is not None else Path("runs"))
+    app.run()
+    return app.return_code or 0

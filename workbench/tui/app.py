@@ -102,7 +102,7 @@ class WorkbenchApp(App):
             profile = load_profile(profile_path, self.registry)
         except ProfileError as exc:
             self.notify("\n".join(str(p) for p in exc.problems[:3]), title="Cannot run: the profile has problems",
-                        severity="error", timeout=10)
+                        severity="error", timeout=10, markup=False)
             return
         output = Path(profile.output.dir)
         job = RunJob(profile_path, profile.name, output)
@@ -127,7 +127,7 @@ class WorkbenchApp(App):
     def enqueue(self, job: RunJob) -> None:
         self.queue.append(job)
         if self.running:
-            self.notify(f"'{job.profile_name}' queued after the current run ({len(self.queue)} waiting)")
+            self.notify(f"'{job.profile_name}' queued after the current run ({len(self.queue)} waiting)", markup=False)
         self._start_next()
         self._refresh_run_view()
         self.action_show("run")
@@ -178,11 +178,11 @@ class WorkbenchApp(App):
         progress.finished = message.status
         if message.status == "done":
             progress.outcome = describe_result(message.detail)
-            self.notify(f"'{progress.job.profile_name}' finished: {progress.outcome}", timeout=8)
+            self.notify(f"'{progress.job.profile_name}' finished: {progress.outcome}", timeout=8, markup=False)
         else:
             progress.outcome = str(message.detail)
             self.notify(f"'{progress.job.profile_name}' {message.status}: {progress.outcome}",
-                        severity="warning" if message.status == "cancelled" else "error", timeout=10)
+                        severity="warning" if message.status == "cancelled" else "error", timeout=10, markup=False)
         line = f"■ {message.status}: {progress.outcome}"
         progress.log.append(line)
         self._refresh_run_view([line])

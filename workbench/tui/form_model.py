@@ -194,6 +194,11 @@ def load_document(path: Any) -> Any:
     Raises ValueError with a message for the user when the file cannot be edited as TOML: opening
     it anyway would show an empty form, and saving that would overwrite the user's file.
     """
+    from workbench.sources.files import file_problem
+
+    problem = file_problem(path)  # a FIFO would hang the app, /dev/zero fill its memory
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -13,8 +13,9 @@ from typing import Any
 
 import tomlkit
 
-from workbench.errors import ProfileError
-from workbench.profile.schema import parse_profile
+from workbench.errors import ProfileError, UsageError
+from workbench.profile.schema import MAX_PROFILE_BYTES, parse_profile
+from workbench.sources.files import read_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -78,7 +79,11 @@ def _text(value: Any) -> str:
 
 
 def read_entry(path: Path, registry: Any = None) -> ProfileEntry:
-    text = path.read_text(encoding="utf-8-sig")
+    """The row of one profile file; one that cannot be read at all is still listed, with why."""
+    try:
+        text = read_text(path, "profile", MAX_PROFILE_BYTES)
+    except UsageError as exc:
+        return ProfileEntry(path, path.stem, "?", "?", "?", "?", "?", "?", str(exc))
     try:
         p = parse_profile(text, str(path), registry)
     except ProfileError as exc:
@@ -92,7 +97,7 @@ def _raw_entry(path: Path, text: str, problem: str) -> ProfileEntry:
     """Best-effort facts of an invalid profile, so it still shows (and can be fixed) in the list."""
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError):  # also a 5000-digit integer, [[[[…
         data = {}
     section = lambda name: data.get(name) if isinstance(data.get(name), dict) else {}  # noqa: E731
     comp = section("compression")
@@ -128,7 +133,10 @@ def create_profile(folder: Path, name: str) -> Path:
 
 def _renamed_text(text: str, old_stem: str, new_stem: str) -> str:
     """The profile text for its new file name: `name` and a default-looking output dir follow."""
-    doc = tomlkit.parse(text)
+    try:
+        doc = tomlkit.parse(text)
+    except RecursionError:
+        raise ValueError("the profile is nested too deeply to read") from None
     if "name" in doc:
         doc["name"] = new_stem
     output = doc.get("output")
@@ -138,17 +146,24 @@ def _renamed_text(text: str, old_stem: str, new_stem: str) -> str:
     return tomlkit.dumps(doc)
 
 
+def _source_text(path: Path) -> str:
+    try:
+        return read_text(path, "profile", MAX_PROFILE_BYTES)
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def duplicate_profile(path: Path, name: str) -> Path:
     _refuse(check_stem(name, path.parent))
     target = path.parent / f"{name}.toml"
-    target.write_text(_renamed_text(path.read_text(encoding="utf-8-sig"), path.stem, name), encoding="utf-8")
+    target.write_text(_renamed_text(_source_text(path), path.stem, name), encoding="utf-8")
     return target
 
 
 def rename_profile(path: Path, name: str) -> Path:
     _refuse(check_stem(name, path.parent))
     target = path.parent / f"{name}.toml"
-    target.write_text(_renamed_text(path.read_text(encoding="utf-8-sig"), path.stem, name), encoding="utf-8")
+    target.write_text(_renamed_text(_source_text(path), path.stem, name), encoding="utf-8")
     path.unlink()
     return target
 

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workbench.render.display import format_bytes, format_seconds
 from workbench.events import LOG, PROGRESS, STAGE_END, STAGE_START, WARNING, Event
+from workbench.render.eta import StageEta
+from workbench.render.numbers import format_bytes, format_seconds, format_short
+from workbench.report import Report, load_report
 
 _ids = itertools.count(1)
 
@@ -39,9 +41,7 @@ class RunProgress:
     current: int | None = None
     total: int | None = None
     unit: str = ""
-    stage_started: float = field(default_factory=time.monotonic)
-    progress_started: float | None = None  # when the first progress event of this stage came
-    progress_start_count: int = 0
+    timing: StageEta = field(default_factory=StageEta)
     memory: int | None = None
     peak_memory: int = 0
     memory_history: deque = field(default_factory=lambda: deque(maxlen=120))
@@ -59,14 +59,12 @@ class RunProgress:
         lines: list[str] = []
         if event.kind == STAGE_START:
             self.stage, self.current, self.total, self.unit = event.stage, None, None, ""
-            self.stage_started, self.progress_started = now, None
+            self.timing.start(now)
             lines.append(f"▶ {event.stage}" + (f": {event.message}" if event.message else ""))
         elif event.kind == STAGE_END:
             lines.append(f"✓ {event.stage} ({event.message})" if event.message else f"✓ {event.stage}")
         elif event.kind == PROGRESS:
-            if self.progress_started is None or (event.current or 0) < self.progress_start_count:
-                # ETA counts from the first progress report, so loading time before it does not skew it
-                self.progress_started, self.progress_start_count = now, event.current or 0
+            self.timing.progress(event.current, now)
             self.current, self.total = event.current, event.total
             self.unit = (event.data or {}).get("unit", "") or ""
         elif event.kind == LOG:
@@ -77,14 +75,8 @@ class RunProgress:
         return lines
 
     def eta(self, now: float | None = None) -> float | None:
-        """Seconds left in this stage at the rate seen so far; None until there is a rate."""
-        if self.progress_started is None or not self.total or self.current is None:
-            return None
-        done = self.current - self.progress_start_count
-        if done <= 0:
-            return None
-        elapsed = (time.monotonic() if now is None else now) - self.progress_started
-        return elapsed / done * (self.total - self.current)
+        """Seconds left in this stage at the rate seen so far (workbench/render/eta.py)."""
+        return self.timing.remaining(self.current, self.total, time.monotonic() if now is None else now)
 
     def counter_text(self) -> str:
         if self.total is None:
@@ -102,10 +94,11 @@ class RunProgress:
         return f"memory {format_bytes(self.memory)} (peak {format_bytes(self.peak_memory)})"
 
 
-def describe_result(report: dict[str, Any]) -> str:
+def describe_result(report: Report | dict[str, Any]) -> str:
     """One line for the log when a run ends well."""
-    parts = [f"saved to {report.get('output_dir', '?')}"]
-    for m in report.get("metrics", []):
-        if m.get("dense") is not None and m.get("compressed") is not None:
-            parts.append(f"{m.get('metric') or m.get('evaluator')}: {m['dense']:.4g} → {m['compressed']:.4g}")
+    report = load_report(report)
+    parts = [f"saved to {report.output_dir or '?'}"]
+    for m in report.metrics:
+        if m.dense is not None and m.compressed is not None:
+            parts.append(f"{m.name}: {format_short(m.dense)} → {format_short(m.compressed)}")
     return "; ".join(parts)

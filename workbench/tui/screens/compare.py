@@ -7,6 +7,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
+from workbench.render.literal import literal
 from workbench.tui.runs_index import RunSummary, comparison_rows
 
 
@@ -28,6 +29,6 @@ class CompareScreen(Screen):
         table = self.query_one(DataTable)
         table.add_column("")
         for r in self.runs:
-            table.add_column(r.path.name)
+            table.add_column(literal(r.path.name))
         for label, values in comparison_rows(self.runs):
-            table.add_row(label, *values)
+            table.add_row(*map(literal, (label, *values)))

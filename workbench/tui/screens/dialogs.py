@@ -10,6 +10,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
+from workbench.render.literal import literal
+
 
 class ConfirmDialog(ModalScreen[bool]):
     BINDINGS = [Binding("escape", "answer(False)", "No"), Binding("y", "answer(True)", "Yes", show=False),
@@ -21,7 +23,7 @@ class ConfirmDialog(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Static(self.question, classes="question")
+            yield Static(literal(self.question), classes="question")  # paths and names, never markup
             with Horizontal(classes="buttons"):
                 yield Button(f"{self.yes} (y)", variant="error", id="yes")
                 yield Button(f"{self.no} (n)", variant="primary", id="no")
@@ -47,19 +49,19 @@ class NameDialog(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(self.title_text, classes="question")
+            yield Label(literal(self.title_text), classes="question")
             yield Input(self.initial, placeholder="profile name (the file is NAME.toml)", id="name")
             yield Static("", id="name-problem", classes="problem")
             yield Static("enter: OK   escape: cancel", classes="hint")
 
     def on_input_changed(self, event: Input.Changed) -> None:
         problem = self.check(event.value) if event.value else None
-        self.query_one("#name-problem", Static).update(problem or "")
+        self.query_one("#name-problem", Static).update(literal(problem or ""))
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         problem = self.check(event.value)
         if problem:
-            self.query_one("#name-problem", Static).update(problem)
+            self.query_one("#name-problem", Static).update(literal(problem))
             return
         self.dismiss(event.value)
 

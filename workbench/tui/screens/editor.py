@@ -19,6 +19,7 @@ from textual.widgets import Footer, Header, Input, Label, Select, Static, Tabbed
 
 from workbench.tui.form_model import (REMOVE, Field, build_sections, format_value, get_value, load_document, parse_input,
                                       problems, set_value)
+from workbench.render.literal import literal
 from workbench.tui.screens.dialogs import ConfirmDialog
 
 # Changing one of these changes which option fields exist, so the form is rebuilt.
@@ -72,7 +73,8 @@ class EditorScreen(Screen):
             rows.append(Label(section.title, classes="section", markup=False))  # "[model]" is not markup
             for field in section.fields:
                 self.fields[widget_id(field)] = field
-                rows.append(Horizontal(Label(field.key[-1], classes="field-label"), self._input(field), classes="row"))
+                rows.append(Horizontal(Label(field.key[-1], classes="field-label", markup=False), self._input(field),
+                                       classes="row"))
         await form.mount_all(rows)
         if focused and focused in self.fields:
             self.query_one(f"#{focused}").focus()
@@ -80,7 +82,7 @@ class EditorScreen(Screen):
     def _input(self, field: Field) -> Any:
         value = get_value(self.doc, field.key)
         if field.choices is not None:
-            options = [(format_value(c) if not isinstance(c, str) else c, c) for c in field.choices]
+            options = [(literal(format_value(c) if not isinstance(c, str) else c), c) for c in field.choices]
             default = field.option.default
             return Select(options, value=value if value in field.choices else Select.NULL, allow_blank=True,
                           prompt=f"default ({format_value(default)})" if default is not None else "(unset)",
@@ -116,7 +118,7 @@ class EditorScreen(Screen):
         if field is not None:
             o = field.option
             default = f"; default {format_value(o.default)}" if o.default not in (None, "") else ""
-            self.query_one("#field-help", Static).update(f"{field.dotted}: {o.help} ({o.describe()}{default})")
+            self.query_one("#field-help", Static).update(literal(f"{field.dotted}: {o.help} ({o.describe()}{default})"))
 
     # ------------------------------------------------------------------ checking, raw view, saving
 
@@ -133,7 +135,7 @@ class EditorScreen(Screen):
         box.set_class(bool(found), "has-problems")
         if found:
             shown = found[:3] + ([f"… and {len(found) - 3} more"] if len(found) > 3 else [])
-            box.update("\n".join(f"✗ {p}" for p in shown))
+            box.update(literal("\n".join(f"✗ {p}" for p in shown)))
         else:
             box.update("✓ valid" + (" · unsaved changes (ctrl+s)" if self.dirty else ""))
         return found
@@ -150,7 +152,7 @@ class EditorScreen(Screen):
         try:  # back to the form: the raw text becomes the document
             self.doc = tomlkit.parse(raw.text)
         except tomlkit.exceptions.ParseError as exc:
-            self.notify(f"not valid TOML, the form shows the last valid version: {exc}", severity="error")
+            self.notify(f"not valid TOML, the form shows the last valid version: {exc}", severity="error", markup=False)
             return
         await self.build_form()
         self.validate()
@@ -175,9 +177,9 @@ class EditorScreen(Screen):
         self.dirty = False
         found = self.validate()
         if found:
-            self.notify(f"saved {self.path.name} with {len(found)} problem(s)", severity="warning")
+            self.notify(f"saved {self.path.name} with {len(found)} problem(s)", severity="warning", markup=False)
         else:
-            self.notify(f"saved {self.path.name}")
+            self.notify(f"saved {self.path.name}", markup=False)
 
     def action_close(self) -> None:
         if not self.dirty:

@@ -10,6 +10,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
+from workbench.render.literal import escaped, literal
 from workbench.tui.profiles_store import (
     ProfileEntry,
     check_stem,
@@ -64,13 +65,14 @@ class ProfilesScreen(Screen):
         table.clear()
         for e in self.entries:
             name = f"{e.name} ⚠" if e.problem else e.name
-            table.add_row(name, e.model, e.ratio, e.allocator, e.group_size, e.evaluators, key=str(e.path))
+            table.add_row(*map(literal, (name, e.model, e.ratio, e.allocator, e.group_size, e.evaluators)),
+                          key=str(e.path))
         rows = [e.path for e in self.entries]
         if current in rows:
             table.move_cursor(row=rows.index(current))
         count = f"{len(self.entries)} profile{'s' if len(self.entries) != 1 else ''}"
         title = f"{count} in {self.folder}/" if self.entries else f"No profiles in {self.folder}/ — press n to create one"
-        self.query_one("#profiles-title", Static).update(title)
+        self.query_one("#profiles-title", Static).update(literal(title))
         self._show_detail()
 
     @property
@@ -91,9 +93,10 @@ class ProfilesScreen(Screen):
         if e is None:
             text = ""
         elif e.problem:
-            text = f"[b]⚠ {e.path.name}[/b] does not validate (e to fix it):\n{e.problem}"
+            text = f"[b]⚠ {escaped(e.path.name)}[/b] does not validate (e to fix it):\n{escaped(e.problem)}"
         else:
-            text = f"{e.path}  →  output {e.output_dir}/\n[dim]r run · e edit · c copy · m rename · x delete[/dim]"
+            text = (f"{escaped(e.path)}  →  output {escaped(e.output_dir)}/\n"
+                    "[dim]r run · e edit · c copy · m rename · x delete[/dim]")
         self.query_one("#profile-detail", Static).update(text)
 
     # ------------------------------------------------------------------ actions
@@ -109,7 +112,7 @@ class ProfilesScreen(Screen):
             try:
                 editor = EditorScreen(self.selected.path)
             except ValueError as exc:  # not TOML (or not readable): say so instead of crashing the app
-                self.notify(str(exc), severity="error", timeout=10)
+                self.notify(str(exc), severity="error", timeout=10, markup=False)
                 return
             self.app.push_screen(editor)
 
@@ -119,7 +122,7 @@ class ProfilesScreen(Screen):
                 try:
                     path = then(name)
                 except (OSError, ValueError) as exc:
-                    self.notify(str(exc), severity="error")
+                    self.notify(str(exc), severity="error", markup=False)
                     return
                 self.reload(select=path)
 
@@ -153,7 +156,7 @@ class ProfilesScreen(Screen):
         def answer(yes: bool | None) -> None:
             if yes:
                 delete_profile(entry.path)
-                self.notify(f"deleted {entry.path.name}")
+                self.notify(f"deleted {entry.path.name}", markup=False)
                 self.reload()
 
         self.app.push_screen(ConfirmDialog(f"Delete {entry.path}?\n(runs it produced are kept)", yes="Delete"), answer)

@@ -7,6 +7,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
+from workbench.render.literal import literal
 from workbench.tui.runs_index import RunSummary, scan_runs
 
 COLUMNS = ("✓", "profile", "ratio", "allocator", "perplexity", "other metrics", "time", "directory")
@@ -49,8 +50,8 @@ class ResultsScreen(Screen):
         self.marked &= {str(r.path) for r in self.runs}
         table.clear()
         for r in self.runs:
-            table.add_row("✓" if str(r.path) in self.marked else "", r.profile, r.ratio, r.allocator, r.perplexity,
-                          r.other_metrics, r.time, r.path.name, key=str(r.path))
+            cells = (r.profile, r.ratio, r.allocator, r.perplexity, r.other_metrics, r.time, r.path.name)
+            table.add_row("✓" if str(r.path) in self.marked else "", *map(literal, cells), key=str(r.path))
         if self.runs:
             table.move_cursor(row=min(row or 0, len(self.runs) - 1))
         self._title()
@@ -60,7 +61,7 @@ class ResultsScreen(Screen):
             text = f"No runs in {self.app.runs_dir}/ yet: run a profile (1, then r)."
         else:
             text = f"{len(self.runs)} run(s) in {self.app.runs_dir}/ · {len(self.marked)} marked"
-        self.query_one("#results-title", Static).update(text)
+        self.query_one("#results-title", Static).update(literal(text))
 
     @property
     def selected(self) -> RunSummary | None:

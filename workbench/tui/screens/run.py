@@ -12,6 +12,7 @@ from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import Footer, Header, ProgressBar, RichLog, Sparkline, Static
 
+from workbench.render.literal import escaped, literal
 from workbench.tui.run_state import RunJob, RunProgress
 
 IDLE = "No run yet. Press 1 for the profiles, pick one and press r to run it."
@@ -56,21 +57,22 @@ class RunScreen(Screen):
         if progress is not self._shown or new_lines is None:
             log.clear()
             for line in progress.log if progress else []:
-                log.write(line)
+                log.write(literal(line))
             self._shown = progress
         else:
             for line in new_lines:
-                log.write(line)
+                log.write(literal(line))
         waiting = ", ".join(j.profile_name for j in queue)
-        self.query_one("#run-queue", Static).update(f"queued: {waiting}" if waiting else "")
+        self.query_one("#run-queue", Static).update(literal(f"queued: {waiting}" if waiting else ""))
         if progress is None:
             return
         job = progress.job
         state = {None: "running", "done": "finished", "cancelled": "cancelled", "failed": "failed"}[progress.finished]
-        self.query_one("#run-title", Static).update(f"[b]{job.profile_name}[/b] → {job.output_dir}/  ({state})")
-        self.query_one("#run-stage", Static).update(f"stage: {progress.stage}")
+        self.query_one("#run-title", Static).update(
+            f"[b]{escaped(job.profile_name)}[/b] → {escaped(job.output_dir)}/  ({state})")
+        self.query_one("#run-stage", Static).update(literal(f"stage: {progress.stage}"))
         self._render_counter(progress)
-        self.query_one("#run-memory", Static).update(progress.memory_text())
+        self.query_one("#run-memory", Static).update(literal(progress.memory_text()))
         self.query_one("#run-memory-chart", Sparkline).data = list(progress.memory_history)
 
     def _render_counter(self, progress: RunProgress) -> None:
@@ -82,7 +84,7 @@ class RunScreen(Screen):
         else:
             bar.update(total=1, progress=0)
         text = " · ".join(t for t in (progress.counter_text(), progress.eta_text() if not progress.finished else "") if t)
-        self.query_one("#run-counter", Static).update(text)
+        self.query_one("#run-counter", Static).update(literal(text))
 
     def action_cancel(self) -> None:
         if self.app.running:
@@ -92,5 +94,5 @@ class RunScreen(Screen):
 
     def action_drop(self) -> None:
         job = self.app.drop_queued()
-        self.notify(f"dropped queued run of '{job.profile_name}'" if job else "no queued run")
+        self.notify(f"dropped queued run of '{job.profile_name}'" if job else "no queued run", markup=False)
         self.show(self.app.progress, self.app.queue, [])

@@ -10,12 +10,14 @@ from textual_plotext import PlotextPlot
 def series(rows: list[dict[str, Any]], value: str) -> dict[str, tuple[list[int], list[float]]]:
     """{matrix type: (layers, values)}; a group shared by several layers gives each layer its value."""
     by_type: dict[str, dict[int, float]] = {}
-    for row in rows:
-        number = row.get(value)
-        if not isinstance(number, (int, float)):
+    for row in rows if isinstance(rows, list) else []:  # a report edited by hand may hold anything
+        number = row.get(value) if isinstance(row, dict) else None
+        layers = row.get("layers") if isinstance(row, dict) else None
+        if not isinstance(number, (int, float)) or isinstance(number, bool) or number != number:
             continue
-        for layer in row.get("layers") or []:
-            by_type.setdefault(str(row.get("type", "?")), {})[int(layer)] = float(number)
+        for layer in layers if isinstance(layers, list) else []:
+            if isinstance(layer, int) and not isinstance(layer, bool):
+                by_type.setdefault(str(row.get("type", "?")), {})[layer] = float(number)
     return {t: (sorted(points), [points[i] for i in sorted(points)]) for t, points in sorted(by_type.items())}
 
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import math
 
-from workbench.engine.allocation import fit_to_budget
-from workbench.hookspecs import hookimpl
-from workbench.api import Allocation, Allocator, Option
+from workbench.api import Allocation, Allocator, Option, fit_to_budget, hookimpl
 
 
 class DepthRamp(Allocator):
