@@ -115,8 +115,9 @@ def test_the_calibration_objective_never_gets_worse_and_ranks_stay(group_size, o
     assert {n: m.rank for n, m in compressed.named_modules() if isinstance(m, LowRankLinear)} == ranks
     assert {tuple(m.basis.shape) for m in compressed.modules() if isinstance(m, LowRankLinear)} == \
         {(r["rank"], r["in"]) for r in table if not r["dense"]}
-    if options.get("sequential") and group_size == 2:
-        assert section["notes"] and not any(s.get("refactored") for s in section["sites"])
+    sizes = {p.key: len(p.layers) for p in plans}
+    if options.get("sequential") and group_size == 2:  # 3 layers: groups of layers 0-1, then layer 2 alone
+        assert section["notes"] and not any(s.get("refactored") for s in section["sites"] if sizes[s["group"]] > 1)
     if options.get("sequential") and group_size == 1:
         assert any(s.get("refactored") for s in section["sites"])
 
@@ -184,20 +185,57 @@ def test_preflight_counts_the_second_stream_only_when_the_stage_runs():
     assert estimate(on).memory - estimate(off).memory == 4 * tokens * 64 + 4 * tokens * (64 + 64 + 128)
 
 
-def _nll(model, ids) -> float:
+def _kl_to_dense(dense, compressed, ids) -> float:
+    """Mean KL(dense ‖ compressed) of the next-token distributions on `ids` (float64)."""
     with torch.inference_mode():
-        return float(model(input_ids=ids, labels=ids, use_cache=False).loss)
+        ld = torch.log_softmax(dense(input_ids=ids, use_cache=False).logits.double(), -1)
+        lc = torch.log_softmax(compressed(input_ids=ids, use_cache=False).logits.double(), -1)
+    return float((ld.exp() * (ld - lc)).sum(-1).mean())
 
 
 @pytest.mark.parametrize("group_size", [1, 2])
-def test_perplexity_on_the_calibration_windows_does_not_get_worse(group_size):
+@pytest.mark.parametrize("options", [dict(update="closed-form"), dict(sequential=True, update="closed-form")])
+def test_end_to_end_the_compressed_model_moves_towards_the_dense_one_on_the_calibration_windows(group_size, options):
+    # A random-weight model's perplexity on random tokens sits at log(vocab) whatever the weights, so the
+    # end-to-end check is the distance of the whole model's predictions from the dense model's.
     dense, compressed, adapter, plans, table, weights, ids = _setup(group_size, ratio=0.6)
-    plain = _nll(compressed, ids)
-    _run(compressed, adapter, plans, table, weights, ids, sequential=True, update="closed-form")
-    after = _nll(compressed, ids)
-    # closer to the dense model's outputs: the loss moves towards the dense loss, never away from it
-    assert abs(after - _nll(dense, ids)) <= abs(plain - _nll(dense, ids)) + 1e-6
-    assert after <= plain + 1e-6
+    plain = _kl_to_dense(dense, compressed, ids)
+    _run(compressed, adapter, plans, table, weights, ids, **options)
+    assert _kl_to_dense(dense, compressed, ids) < 0.9 * plain
+
+
+def test_sequential_reaches_the_best_rank_k_fit_of_each_site_from_the_token_matrices():
+    """Float64 reference: min over rank-k M of ‖X·Wᵀ − X̂·Mᵀ‖² = ‖X·Wᵀ − A‖² + Σ_{i>k} σ_i(A)², with A the
+    projection of X·Wᵀ on X̂'s columns (lstsq); every site of a one-layer group reaches it (ridge 0)."""
+    dense, compressed, adapter, plans, table, weights, ids = _setup(1)
+    section = _run(compressed, adapter, plans, table, weights, ids, sequential=True, ridge=0.0)
+    assert {s.get("refactor_ridge") for s in section["sites"]} == {0.0, 1e-6}  # singular Ĝ: the floor
+    x, x_hat = _inputs(dense, adapter, plans, ids), _inputs(compressed, adapter, plans, ids)
+    d_layers, c_layers = adapter.decoder_layers(dense), adapter.decoder_layers(compressed)
+    by_site = {(s["layer"], s["group"]): s for s in section["sites"]}
+    checked = 0
+    for plan in plans:
+        for i in plan.layers:
+            module = c_layers[i].get_submodule(plan.site.path)
+            if not isinstance(module, LowRankLinear):
+                continue
+            target = x[(i, plan.site.path)] @ d_layers[i].get_submodule(plan.site.path).weight.detach().double().T
+            xh = x_hat[(i, plan.site.path)]
+            # X̂ is float32: directions it lacks (o_proj's input after a low-rank v_proj) hold ~1e-7 noise, which
+            # a float64 lstsq would use to fit anything; rcond drops them, as the ridge does in the stage.
+            a = xh @ torch.linalg.lstsq(xh, target, rcond=1e-5, driver="gelsd").solution
+            sigma = torch.linalg.svdvals(a)
+            best = float(((target - a) ** 2).sum() + (sigma[module.rank:] ** 2).sum())
+            entry = by_site[(i, plan.key)]
+            # layer 0's first sites see X̂ = X: the whitened SVD is that optimum already, and the refit may tie
+            # the ridge floor (singular Ĝ) costs a little optimality: ~1e-6 of the input's energy
+            tolerance = 2e-3 if entry.get("refactor_ridge") else 1e-4
+            assert entry["objective_after"] == pytest.approx(best, rel=tolerance)
+            got = float(((target - xh @ module.basis.double().T @ module.coef.double().T) ** 2).sum())
+            assert got == pytest.approx(best, rel=tolerance)  # the float32 module holds it too
+            checked += 1
+    assert checked == len(section["sites"]) > 0
+    assert sum(s["refactored"] for s in section["sites"]) > len(section["sites"]) // 2
 
 
 def test_the_compensation_section_round_trips_through_the_report_schema():

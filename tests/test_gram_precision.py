@@ -104,16 +104,17 @@ def test_the_accumulator_takes_a_precision_and_keeps_its_interface():
         acc.close()
         assert acc.tokens == {"in": 600}
         grams[precision] = acc.grams["in"]
-    assert acc.precision == "float32-equilibrated"  # "auto" resolved on the first input (a CPU)
+    assert acc.precision == "float64"  # "auto" resolved on the first input (a CPU)
     ref = grams["float64"]
     assert ((grams["float32-equilibrated"] - ref).norm() / ref.norm()) < 1e-6
-    assert torch.equal(grams["auto"], grams["float32-equilibrated"])
+    assert torch.equal(grams["auto"], grams["float64"])
     with pytest.raises(ValueError, match="float32-equilibrated"):
         GramAccumulator("float16")
 
 
-def test_auto_picks_float64_only_on_devices_with_fast_float64(monkeypatch):
-    assert resolve_gram_precision("auto", CPU) == "float32-equilibrated"
+def test_auto_picks_float32_equilibrated_only_on_gpus_with_slow_float64(monkeypatch):
+    assert resolve_gram_precision("auto", CPU) == "float64"
+    assert resolve_gram_precision("float32-equilibrated", CPU) == "float32-equilibrated"
     assert resolve_gram_precision("float64", CPU) == "float64"
     for capability, expected in [((9, 0), "float64"), ((8, 0), "float64"), ((8, 9), "float32-equilibrated"),
                                  ((8, 6), "float32-equilibrated"), ((12, 0), "float32-equilibrated")]:

@@ -123,16 +123,17 @@ class CalibrationInfo:
     windows: int | None = None
     seq_len: int | None = None
     tokens: int | None = None
+    gram_precision: str | None = None  # the resolved mode ("float64" or "float32-equilibrated"); absent before 0.2
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def read(cls, data: Mapping[str, Any], r: _Reader) -> "CalibrationInfo":
         w = "calibration"
         return cls(r.number(data, "windows", w), r.number(data, "seq_len", w), r.number(data, "tokens", w),
-                   _extra(data, cls))
+                   r.text(data, "gram_precision", w), _extra(data, cls))
 
     def to_dict(self) -> dict[str, Any]:
-        return _written(self)
+        return _written(self, skip_none=("gram_precision",))
 
 
 @dataclass

@@ -143,15 +143,17 @@ def resolve_gram_precision(precision: str, device: torch.device) -> str:
     Deterministic per device (never timed at run time), so a resumed run or a rerun on the same
     machine accumulates its Grams the same way. float64 only where the device runs float64 near
     its float32 rate: CUDA data-centre parts with compute capability 6.0, 7.0, 8.0 or 9.0 (P100,
-    V100, A100, H100/H200). Elsewhere — CPUs, where float32 products measured ~2× faster here,
-    and consumer/workstation GPUs at 1/32–1/64 float64 rate — float32-equilibrated.
+    V100, A100, H100/H200) and on CPUs: there a batch's float32 products measured ~2× faster in
+    single-thread CPU time, but a whole layer with two threads was not faster in wall time, and
+    float64 keeps the ranks bit for bit. Consumer/workstation GPUs (float64 at 1/32–1/64 of their
+    float32 rate): float32-equilibrated.
     """
     if precision not in GRAM_PRECISIONS:
         raise ValueError(f"unknown gram_precision {precision!r}; allowed: {', '.join(GRAM_PRECISIONS)}")
     if precision != "auto":
         return precision
     device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) in FAST_FLOAT64_CUDA:
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) in FAST_FLOAT64_CUDA:
         return "float64"
     return "float32-equilibrated"
 

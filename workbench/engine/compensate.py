@@ -8,8 +8,9 @@ Within a layer the input groups are visited in the adapter's site order (attenti
 (token-aligned) and G = XᵀX, C = XᵀX̂, Ĝ = X̂ᵀX̂ accumulated in float64. Then, for every low-rank
 module fed by that input group:
 
-  sequential    (groups of one layer) P and Q re-factored by the whitened SVD of the dense weight
-                with Ĝ, the compressed stream's statistics, at the allocated rank;
+  sequential    (groups of one layer) P and Q re-factored at the allocated rank, whitened with Ĝ, the
+                compressed stream's statistics, against the dense outputs: the best rank-k M = Q·P for
+                min ‖X·Wᵀ − X̂·Mᵀ‖² (`compensation.reduced_rank_fit`, ridge λ relative to mean diag Ĝ);
   closed-form   Q = W·C·Pᵀ(P·Ĝ·Pᵀ + λI)⁻¹ (`compensation.update_coefficients`), per layer against
                 the group's P (shared or not).
 
@@ -29,8 +30,7 @@ import torch
 from torch import nn
 
 from workbench.engine.calibration import LayerBatch, capture_layer_inputs, run_layer
-from workbench.engine.compensation import output_error, update_coefficients
-from workbench.engine.factorize import whitened_svd
+from workbench.engine.compensation import output_error, reduced_rank_fit, update_coefficients
 from workbench.engine.grouping import GroupPlan
 from workbench.engine.lowrank import LowRankLinear
 
@@ -38,6 +38,8 @@ UPDATES = ("none", "closed-form")
 # λ relative to the mean diagonal of P·Ĝ·Pᵀ: caps the k×k solve's condition number near 1e6, so the
 # float64 solve stays stable with few tokens, while leaving a well-determined Q unchanged to ~1e-6.
 DEFAULT_RIDGE = 1e-6
+# The floor the sequential re-factoring falls back to when Ĝ is singular and `ridge` is 0.
+SINGULAR_RIDGE = 1e-6
 
 
 class _Stop(Exception):
@@ -96,7 +98,7 @@ def _run_until(layer: nn.Module, module: nn.Module, batches: list[LayerBatch], s
 def compensate(model: nn.Module, adapter: Any, plans: Sequence[GroupPlan], table: Sequence[dict[str, Any]],
                weights: dict[tuple[int, str], torch.Tensor], windows: torch.Tensor, device: torch.device,
                check: Callable[[], None], *, sequential: bool = False, update: str = "none",
-               ridge: float = DEFAULT_RIDGE, whitening: str = "cholesky", batch_size: int = 8,
+               ridge: float = DEFAULT_RIDGE, batch_size: int = 8,
                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Walk the assembled `model` once more (module docstring); returns the report's `compensation` section."""
     if update not in UPDATES:
@@ -154,7 +156,7 @@ def compensate(model: nn.Module, adapter: Any, plans: Sequence[GroupPlan], table
                 share = (time.perf_counter() - t0) / max(1, sum(p.site.input_group == g for p in here))
                 for plan in [p for p in here if p.site.input_group == g]:
                     sites.append(_update_site(plan, i, modules[plan.site.path], weights[(i, plan.site.path)], stats,
-                                              sequential, update, ridge, whitening, share))
+                                              sequential, update, ridge, share))
             run_layer(layer, hidden, check)  # the compressed stream moves on through the updated layer
             if progress:
                 progress(i, last)
@@ -166,7 +168,7 @@ def compensate(model: nn.Module, adapter: Any, plans: Sequence[GroupPlan], table
 
 
 def _update_site(plan: GroupPlan, i: int, module: LowRankLinear, weight: torch.Tensor, stats: dict[str, torch.Tensor],
-                 sequential: bool, update: str, ridge: float, whitening: str, shared_s: float) -> dict[str, Any]:
+                 sequential: bool, update: str, ridge: float, shared_s: float) -> dict[str, Any]:
     t0 = time.perf_counter()
     g, c, gh = stats["gram"], stats["cross"], stats["gram_hat"]
     w = weight.to(device=g.device, dtype=torch.float64)
@@ -175,11 +177,22 @@ def _update_site(plan: GroupPlan, i: int, module: LowRankLinear, weight: torch.T
     entry: dict[str, Any] = {"group": plan.key, "layer": i, "rank": module.rank, "objective_before": before}
     current = before
     if sequential and len(plan.layers) == 1:
-        qs, p_new = whitened_svd([w], gh, keep=module.rank, method=whitening).factors(module.rank, torch.float64)
-        refit = output_error(w, qs[0], p_new, g, c, gh)
+        refit = float("inf")
+        # Ĝ is singular where an earlier low-rank module limits the stream (o_proj after a low-rank v_proj):
+        # without a ridge, the smallest one that makes it factor (the null space carries no output).
+        for lam in dict.fromkeys([ridge, max(ridge, SINGULAR_RIDGE)]):
+            try:
+                q_new, p_new = reduced_rank_fit(w, gh, c, module.rank, ridge=lam)
+            except torch.linalg.LinAlgError as exc:
+                entry["refactor_skipped"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                continue
+            entry.pop("refactor_skipped", None)
+            entry["refactor_ridge"] = lam
+            refit = output_error(w, q_new, p_new, g, c, gh)
+            break
         entry["refactored"] = refit < current
         if entry["refactored"]:
-            p, q, current = p_new, qs[0], refit
+            p, q, current = p_new, q_new, refit
             with torch.no_grad():
                 module.basis.copy_(p)
                 module.coef.copy_(q)

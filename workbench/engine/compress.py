@@ -17,7 +17,7 @@ from workbench.engine.grouping import GroupPlan, module_prefix
 from workbench.engine.lowrank import LowRankLinear
 from workbench.engine.numerics import check_factors, loss_check_failed
 from workbench.engine.state import CalibrationCheckpoint, CalibrationState  # noqa: F401 - CalibrationState re-exported
-from workbench.engine.walk import Factor, LayerWalk, Strategies
+from workbench.engine.walk import Factor, GramStatistics, LayerWalk, Strategies
 from workbench.api import Adapter, Allocator, GroupSpectrum, break_even_rank
 
 # The built-in check (docs/architecture.md), run on every group at half its kept rank: the measured whitened
@@ -78,14 +78,18 @@ def group_factorer(whitening: str, device: torch.device, events: EventBus, full_
 def calibrate(model: nn.Module, adapter: Adapter, plans: Sequence[GroupPlan], windows: torch.Tensor,
               device: torch.device, events: EventBus, cancel: CancelToken, whitening: str = "cholesky",
               batch_size: int = 8, full_factors: bool = False, checkpoint: CalibrationCheckpoint | None = None,
-              strategies: Strategies | None = None) -> Calibrated:
+              strategies: Strategies | None = None, gram_precision: str = "float64") -> Calibrated:
     """Walk the layers once (workbench/engine/walk.py), factoring every group as soon as its last layer is done.
 
     Factors are kept up to break-even rank (beyond it a group stays dense); `full_factors` keeps
     every component, for the exactness check of the factor path. `checkpoint` (e.g. a
     `workbench.storage.checkpoint.WorkDir`) hands back the state of an interrupted run to continue
-    from and is given the state after each layer. `strategies` replaces the walk's defaults.
+    from and is given the state after each layer. `strategies` replaces the walk's defaults;
+    without them, `gram_precision` (a resolved mode, see `resolve_gram_precision`) picks how the
+    default accumulator forms its Gram products.
     """
+    if strategies is None:
+        strategies = Strategies(accumulator=GramStatistics(gram_precision))
     last = max(i for p in plans for i in p.layers)
     state = checkpoint.load_calibration(device) if checkpoint is not None else None
     if state is not None:

@@ -69,7 +69,7 @@ class GramStatistics:
         self._acc: GramAccumulator | None = None
 
     def start(self, index: int, layer: nn.Module, modules: dict[str, nn.Module]) -> None:
-        self._acc = GramAccumulator() if self.precision == "float64" else GramAccumulator(self.precision)
+        self._acc = GramAccumulator(self.precision)
         for name, module in modules.items():
             self._acc.watch(name, module)
 

@@ -51,6 +51,7 @@ class RunContext:
     params_model_dense: int = 0
     dense_results: list[dict[str, Any]] = field(default_factory=list)
     windows: Any = None
+    gram_precision: str | None = None  # the resolved Gram mode the calibration used
     calibrated: Any = None
     signal_names: tuple[str, ...] | None = None  # None: what the profile's allocator needs
     signals: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -255,6 +256,7 @@ class Calibrate(Stage):
         return f"{ctx.profile.calibration.samples} × {ctx.profile.calibration.seq_len} tokens"
 
     def run(self, ctx):
+        from workbench.engine.calibration import resolve_gram_precision
         from workbench.engine.compress import calibrate
         from workbench.sources.text import calibration_windows
 
@@ -262,8 +264,10 @@ class Calibrate(Stage):
         ctx.windows = calibration_windows(ctx.tokenizer, c.dataset, c.samples, c.seq_len, c.seed)
         if ctx.work is not None:
             ctx.work.check_windows(ctx.windows)
+        ctx.gram_precision = resolve_gram_precision(ctx.profile.compression.gram_precision, ctx.loaded.device)
         ctx.calibrated = calibrate(ctx.model, ctx.adapter, ctx.plans, ctx.windows, ctx.loaded.device, ctx.events,
-                                   ctx.cancel, whitening=ctx.profile.compression.whitening, checkpoint=ctx.work)
+                                   ctx.cancel, whitening=ctx.profile.compression.whitening, checkpoint=ctx.work,
+                                   gram_precision=ctx.gram_precision)
 
 
 class Signals(Stage):
@@ -407,7 +411,7 @@ class Compensate(Stage):
         c = ctx.profile.compression
         section = compensate(ctx.model, ctx.adapter, ctx.plans, ctx.table, ctx.dense_weights, ctx.windows,
                              ctx.loaded.device, ctx.cancel.check, sequential=c.sequential, update=c.update,
-                             ridge=c.ridge, whitening=c.whitening,
+                             ridge=c.ridge,
                              progress=lambda i, last: ctx.events.progress(self.name, i + 1, last + 1,
                                                                           data={"unit": "layer"}))
         ctx.dense_weights = None
@@ -479,7 +483,7 @@ class Report(Stage):
                       "device": str(loaded.device),
                       "dtype": profile.model.dtype},
             "calibration": {"windows": int(ctx.windows.shape[0]), "seq_len": int(ctx.windows.shape[1]),
-                            "tokens": int(ctx.windows.numel())},
+                            "tokens": int(ctx.windows.numel()), "gram_precision": ctx.gram_precision},
             "allocator": {"name": ctx.allocator.name, "options": profile.compression.allocator_options,
                           "notes": ctx.ranks.notes},
             "params": ctx.params,
