@@ -17,12 +17,11 @@ from workbench.cli import app
 EXAMPLE = Path(__file__).resolve().parents[1] / "plugins" / "examples" / "depth-ramp"
 
 
-@pytest.fixture
-def installed_example(tmp_path, monkeypatch):
-    """Build the example's wheel with hatchling (offline) and pip-install it into a folder on sys.path."""
+def _install(package: Path, module: str, tmp_path: Path, monkeypatch):
+    """Build `package`'s wheel with hatchling (offline) and pip-install it into a folder on sys.path."""
     from hatchling.builders.wheel import WheelBuilder
 
-    [wheel] = list(WheelBuilder(str(EXAMPLE)).build(directory=str(tmp_path / "dist")))
+    [wheel] = list(WheelBuilder(str(package)).build(directory=str(tmp_path / "dist")))
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
                     "--target", str(site), wheel], check=True)
@@ -32,7 +31,12 @@ def installed_example(tmp_path, monkeypatch):
 
     monkeypatch.setattr(plugins, "_cached", None)
     yield site
-    monkeypatch.delitem(sys.modules, "workbench_depth_ramp", raising=False)
+    monkeypatch.delitem(sys.modules, module, raising=False)
+
+
+@pytest.fixture
+def installed_example(tmp_path, monkeypatch):
+    yield from _install(EXAMPLE, "workbench_depth_ramp", tmp_path, monkeypatch)
 
 
 def test_example_plugin_installs_and_runs_from_a_profile(installed_example, tiny_workspace, tmp_path):
@@ -65,19 +69,7 @@ WEIGHT_ENERGY = EXAMPLE.parent / "weight-energy"
 @pytest.fixture
 def installed_signal_example(tmp_path, monkeypatch):
     """The example signal package (plugins/examples/weight-energy), built and installed like depth-ramp."""
-    from hatchling.builders.wheel import WheelBuilder
-
-    [wheel] = list(WheelBuilder(str(WEIGHT_ENERGY)).build(directory=str(tmp_path / "dist")))
-    site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-                    "--target", str(site), wheel], check=True)
-    monkeypatch.syspath_prepend(str(site))
-    importlib.invalidate_caches()
-    import workbench.registry as plugins
-
-    monkeypatch.setattr(plugins, "_cached", None)
-    yield site
-    monkeypatch.delitem(sys.modules, "workbench_weight_energy", raising=False)
+    yield from _install(WEIGHT_ENERGY, "workbench_weight_energy", tmp_path, monkeypatch)
 
 
 def test_example_signal_package_provides_a_signal_its_allocator_needs(installed_signal_example, tiny_workspace,

@@ -122,7 +122,6 @@ class Registry:
         try:
             # tox-style: an implementation whose name matches no hook is a typo, not a no-op.
             self.pm.check_pending()
-            added = {kind: [] for kind in KINDS}
             for kind, hook in (
                 ("allocator", self.pm.hook.register_allocators),
                 ("adapter", self.pm.hook.register_adapters),

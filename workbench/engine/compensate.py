@@ -61,16 +61,6 @@ def _input_groups(plans: Sequence[GroupPlan]) -> list[str]:
     return order
 
 
-def _dense_linear(weight: torch.Tensor, like: LowRankLinear) -> nn.Linear:
-    dense = nn.Linear(like.in_features, like.out_features, bias=like.bias is not None,
-                      dtype=like.coef.dtype, device=like.coef.device)
-    with torch.no_grad():
-        dense.weight.copy_(weight)
-        if like.bias is not None:
-            dense.bias.copy_(like.bias)
-    return dense
-
-
 def _run_until(layer: nn.Module, module: nn.Module, batches: list[LayerBatch], seen: Callable[[int, torch.Tensor], None],
                check: Callable[[], None]) -> None:
     """Run `layer` over each batch only as far as `module`'s input, handed to `seen(batch, x)`."""
@@ -127,7 +117,7 @@ def compensate(model: nn.Module, adapter: Any, plans: Sequence[GroupPlan], table
             watch = {g: next(p.site.path for p in plans if p.site.input_group == g) for g in groups
                      if any(p.site.input_group == g for p in here)}
             for path, module in modules.items():
-                adapter.replace_module(layer, path, _dense_linear(weights[(i, path)].to(device), module))
+                adapter.replace_module(layer, path, module.as_linear(weights[(i, path)].to(device)))
             handles = [layer.get_submodule(path).register_forward_pre_hook(
                 lambda mod, args, g=g: xs[g].append(args[0].detach().reshape(-1, args[0].shape[-1]).clone()))
                 for g, path in watch.items()]

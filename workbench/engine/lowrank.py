@@ -29,6 +29,19 @@ class LowRankLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.coef @ self.basis
 
+    def as_linear(self, weight: torch.Tensor | None = None) -> nn.Linear:
+        """An nn.Linear with `weight` (default Q·P, formed in at least float32) and this module's bias."""
+        if weight is None:
+            compute = torch.promote_types(self.coef.dtype, torch.float32)
+            weight = self.coef.detach().to(compute) @ self.basis.detach().to(compute)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           dtype=self.coef.dtype, device=self.coef.device)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.basis), self.coef, self.bias)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from workbench.engine.lowrank import LowRankLinear
@@ -26,14 +25,7 @@ def densify(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if not isinstance(module, LowRankLinear):
             continue
-        compute = torch.promote_types(module.coef.dtype, torch.float32)
-        weight = (module.coef.to(compute) @ module.basis.to(compute)).to(module.coef.dtype)
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           dtype=module.coef.dtype, device=module.coef.device)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if module.bias is not None:
-                linear.bias.copy_(module.bias)
+        linear = module.as_linear()
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, linear)
     return model
