@@ -5,6 +5,7 @@ Imports nothing from Textual. Exit codes are `workbench.errors.ExitCode`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -23,6 +24,15 @@ def _leave(code: int):
                 stream.flush()
         os._exit(code)
     return handler
+
+
+def _ignore_late_signals() -> None:
+    """The last atexit handler: from here on Python resets its own handlers to the default action
+    while it shuts down, so a signal would kill the process (exit 143) instead of keeping the code
+    already decided. The process is about to end; ignoring them changes nothing else."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _handle_signals(handler) -> None:
@@ -413,6 +423,7 @@ def _interrupt_now(signum, frame):
 
 def main() -> None:
     _handle_signals(_interrupt_now)  # first, whoever imported this module
+    atexit.register(_ignore_late_signals)  # registered first, so it runs last (atexit is LIFO)
     try:
         app()
         outcome = SystemExit(0)
