@@ -393,9 +393,9 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'workbench.api' has no attribute '{name}'")
     import importlib
 
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
+    # Not cached here: the name always resolves to what its home module holds now (a test or a
+    # plugin that replaces it there is seen), at the cost of one dict look-up per access.
+    return getattr(importlib.import_module(module), name)
 
 
 __all__ = [
