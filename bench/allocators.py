@@ -8,6 +8,12 @@ plain-SVD baseline (no whitening, uniform ranks) gives the scale. Writes JSON an
     .venv/bin/python bench/allocators.py [--ratios 0.2 0.4] [--out bench/results] [--second-corpus FILE]
     .venv/bin/python bench/allocators.py --model embedded:smollm2-135m-mha --group-size default \
         --ratios 0.2 --configs uniform drank --out bench/results/mha-pairs
+    .venv/bin/python bench/allocators.py --configs uniform "loss-aware (component)" "ara (init uniform)" \
+        "ara (init loss-aware)" --second-corpus FILE --reuse bench/results/allocators.json
+
+The `ara` rows train the signal's masks once per ratio on the same calibration (default
+[signals.ara] options; `--ara-steps N` changes the step count) and record the training's seconds
+and peak memory (host RSS on a CPU) under "training".
 """
 
 from __future__ import annotations
@@ -33,7 +39,49 @@ CONFIGS = [
     ("protect-first", "protect-first", {"layers": 1}),
     ("loss-aware (group)", "loss-aware", {"signal": "group"}),
     ("loss-aware (component)", "loss-aware", {"signal": "component"}),
+    # Trained masks (the "ara" signal, trained per ratio from this calibration); options are [signals.ara]'s.
+    ("ara (init uniform)", "ara", {"init": "uniform"}),
+    ("ara (init loss-aware)", "ara", {"init": "loss-aware"}),
 ]
+
+
+def train_ara(registry, dense_model, adapter, plans, cal, windows, budget, options):
+    """The ara signal's masks for one budget, put into the spectra; (seconds, peak memory bytes, last loss,
+    the resolved options).
+
+    The loss-aware start takes its ranks from the Fisher signal already computed (not a second pass).
+    Peak memory: the largest reading (host RSS, or GPU allocated) stamped on the training's events.
+    """
+    from workbench.api import SignalContext
+    from workbench.engine.compress import allocate
+    from workbench.engine.sensitivity import signal_options
+    from workbench.events import CancelToken, EventBus
+    from workbench.run.resources import current_memory
+    from workbench_signals.ara import train_masks
+
+    device = torch.device("cpu")
+    seen = {"peak": current_memory(device), "loss": None}
+
+    def listen(event):
+        seen["peak"] = max(seen["peak"], event.memory_bytes or 0)
+        if event.kind == "progress" and event.data:
+            seen["loss"] = event.data.get("loss")
+
+    events = EventBus([listen])
+    events.track_memory(lambda: current_memory(device))
+    signal = registry.get("signal", "ara")
+    ctx = SignalContext(model=dense_model, adapter=adapter, plans=plans, factors=cal.factors, windows=windows,
+                        device=device, events=events, cancel=CancelToken(),
+                        options=signal_options(signal, options), budget=budget)
+    init = None
+    if ctx.options["init"] == "loss-aware":
+        init = allocate(registry.allocators["loss-aware"], "loss-aware", cal.spectra, budget, {"signal": "component"})
+    start = time.perf_counter()
+    masks = train_masks(ctx, budget, init_ranks=init)
+    seconds = time.perf_counter() - start
+    for spec in cal.spectra:
+        spec.sensitivity = {**spec.sensitivity, "ara": masks[spec.key]}
+    return seconds, seen["peak"], seen["loss"], dict(ctx.options)
 
 
 def plain_svd(model, adapter, plans, ranks) -> None:
@@ -57,7 +105,9 @@ def main() -> None:
                         help="layers per shared basis, or 'default' for the adapter's (e.g. pairs on MHA)")
     parser.add_argument("--second-corpus", default=None, help="a .txt/.jsonl evaluated too (its evaluation split)")
     parser.add_argument("--second-configs", nargs="*",
-                        default=["uniform", "drank", "protect-first", "loss-aware (group)", "loss-aware (component)"])
+                        default=["uniform", "drank", "protect-first", "loss-aware (group)", "loss-aware (component)",
+                                 "ara (init uniform)", "ara (init loss-aware)"])
+    parser.add_argument("--ara-steps", type=int, default=None, help="[signals.ara] steps for the ara rows")
     parser.add_argument("--reuse", default=None, help="an earlier allocators.json: its rows are kept, not rerun")
     args = parser.parse_args()
 
@@ -104,6 +154,9 @@ def main() -> None:
                "dense": {c: ppl(dense_model, c) for c in eval_ids}, "runs": [], "ranks_at_0.4": {}}
     dense_params = sum(s.dense_params for s in cal.spectra)
     wanted = [c for c in CONFIGS if args.configs is None or c[0] in args.configs]
+    if args.ara_steps is not None:
+        wanted = [(label, name, {**options, "steps": args.ara_steps} if name == "ara" else options)
+                  for label, name, options in wanted]
     path = out / "allocators.json"
     earlier = json.loads(Path(args.reuse).read_text()) if args.reuse else {"runs": [], "ranks_at_0.4": {}}
     results["ranks_at_0.4"].update(earlier.get("ranks_at_0.4", {}))
@@ -118,6 +171,13 @@ def main() -> None:
                 results["runs"].append(old[0])
                 continue
             start = time.perf_counter()
+            training = None
+            if name == "ara":  # the options are the signal's; the allocator has none
+                seconds, peak, loss, resolved = train_ara(registry, dense_model, adapter, plans, cal, windows, budget,
+                                                          options)
+                training = {"train_s": round(seconds, 1), "peak_memory_bytes": peak, "final_loss": loss,
+                            "signal_options": resolved}
+                options = {}
             ranks = allocate(registry.allocators[name], name, cal.spectra, budget, options)
             model = copy.deepcopy(dense_model)
             if label.startswith("plain"):
@@ -127,6 +187,8 @@ def main() -> None:
             row = {"label": label, "allocator": name, "options": options, "ratio": ratio,
                    "ratio_targeted": round(1 - total_cost(cal.spectra, ranks) / dense_params, 4),
                    "perplexity": {"wiki": ppl(model)}, "notes": ranks.notes}
+            if training is not None:
+                row["training"] = training
             if "second" in eval_ids and label in args.second_configs:
                 row["perplexity"]["second"] = ppl(model, "second")
             row["seconds"] = round(time.perf_counter() - start, 1)
@@ -170,6 +232,16 @@ def markdown(results) -> str:
     for label in labels:
         lines.append(f"| {label} | " + " | ".join(f"{cell[(label, x)]:.1f}" if (label, x) in cell else "—"
                                                   for x in ratios) + " |")
+    trained = [r for r in results["runs"] if "training" in r]
+    if trained:
+        lines += ["", "ara mask training (the signal's cost, on top of calibration):", "",
+                  "| allocator | ratio | steps | training s | peak memory GiB | final loss |",
+                  "|---|---|---|---|---|---|"]
+        for r in trained:
+            t = r["training"]
+            loss = "—" if t["final_loss"] is None else f"{t['final_loss']:.3f}"
+            lines.append(f"| {r['label']} | {r['ratio']:.0%} | {t['signal_options'].get('steps')} | "
+                         f"{t['train_s']:.0f} | {t['peak_memory_bytes'] / 2**30:.2f} | {loss} |")
     second = [r for r in results["runs"] if "second" in r["perplexity"]]
     if second:
         lines += ["", f"second corpus (dense {results['dense']['second']:.2f}):", "",

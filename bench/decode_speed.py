@@ -39,8 +39,8 @@ def low_rank_copy(dense: torch.nn.Module, ratio: float, seed: int = 0) -> torch.
                     rank = uniform_rank(old.in_features, old.out_features, ratio)
                     new = LowRankLinear(old.in_features, old.out_features, rank, bias=old.bias is not None)
                     with torch.no_grad():
-                        new.basis.normal_(0, old.in_features ** -0.5, generator=gen)
-                        new.coef.normal_(0, rank ** -0.5, generator=gen)
+                        new.basis.weight.normal_(0, old.in_features ** -0.5, generator=gen)
+                        new.coef.weight.normal_(0, rank ** -0.5, generator=gen)
                     new.requires_grad_(False)
                     setattr(parent, name, new)
     return model

@@ -257,7 +257,7 @@ def test_qwen2_biases_are_kept_exactly_not_factored(registry, saved, ids, tmp_pa
     for name, bias in biases.items():
         module = again.model.layers[1].self_attn.get_submodule(name)
         assert isinstance(module, LowRankLinear) and torch.equal(module.bias, bias)
-        assert module.basis.shape[0] == module.rank  # only the weight is factored
+        assert module.basis.weight.shape[0] == module.rank  # only the weight is factored
     assert again.model.layers[1].self_attn.o_proj.bias is None
     assert again.lm_head.weight is again.model.embed_tokens.weight  # tied, as saved
 

@@ -66,7 +66,7 @@ def _objective(dense, compressed, adapter, plans, ids) -> float:
         if not isinstance(module, LowRankLinear):
             continue
         w = d_layers[i].get_submodule(path).weight.detach().double()
-        total += float(((xd @ w.T - x_hat[(i, path)] @ module.basis.double().T @ module.coef.double().T) ** 2).sum())
+        total += float(((xd @ w.T - x_hat[(i, path)] @ module.basis.weight.double().T @ module.coef.weight.double().T) ** 2).sum())
     return total
 
 
@@ -89,9 +89,9 @@ def test_closed_form_q_equals_a_float64_lstsq_on_the_captured_token_matrices(gro
         if not isinstance(module, LowRankLinear):
             continue
         w = d_layers[i].get_submodule(path).weight.detach().double()
-        a = x_hat[(i, path)] @ module.basis.double().T  # N×k
+        a = x_hat[(i, path)] @ module.basis.weight.double().T  # N×k
         want = torch.linalg.lstsq(a, xd @ w.T, driver="gelsd").solution.T  # out×k
-        got = module.coef.double()
+        got = module.coef.weight.double()
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())), (i, path)
         checked += 1
     assert checked == len(section["sites"])
@@ -113,7 +113,7 @@ def test_the_calibration_objective_never_gets_worse_and_ranks_stay(group_size, o
     assert with_stage == pytest.approx(section["objective_after"], rel=1e-4)
     assert all(s["objective_after"] <= s["objective_before"] for s in section["sites"])
     assert {n: m.rank for n, m in compressed.named_modules() if isinstance(m, LowRankLinear)} == ranks
-    assert {tuple(m.basis.shape) for m in compressed.modules() if isinstance(m, LowRankLinear)} == \
+    assert {tuple(m.basis.weight.shape) for m in compressed.modules() if isinstance(m, LowRankLinear)} == \
         {(r["rank"], r["in"]) for r in table if not r["dense"]}
     sizes = {p.key: len(p.layers) for p in plans}
     if options.get("sequential") and group_size == 2:  # 3 layers: groups of layers 0-1, then layer 2 alone
@@ -231,7 +231,7 @@ def test_sequential_reaches_the_best_rank_k_fit_of_each_site_from_the_token_matr
             # the ridge floor (singular Ĝ) costs a little optimality: ~1e-6 of the input's energy
             tolerance = 2e-3 if entry.get("refactor_ridge") else 1e-4
             assert entry["objective_after"] == pytest.approx(best, rel=tolerance)
-            got = float(((target - xh @ module.basis.double().T @ module.coef.double().T) ** 2).sum())
+            got = float(((target - xh @ module.basis.weight.double().T @ module.coef.weight.double().T) ** 2).sum())
             assert got == pytest.approx(best, rel=tolerance)  # the float32 module holds it too
             checked += 1
     assert checked == len(section["sites"]) > 0

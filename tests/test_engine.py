@@ -62,7 +62,7 @@ def test_uniform_meets_the_ratio(registry, calib_ids, kv_heads, group_size, rati
     # the parameters actually in the model agree with the bookkeeping
     kept = sum(row["params"] for row in table)
     low_rank_params = {id(p): p.numel() for m in model.modules() if isinstance(m, LowRankLinear)
-                       for p in (m.basis, m.coef)}
+                       for p in (m.basis.weight, m.coef.weight)}
     dense_rows = sum(row["params"] for row in table if row["dense"])
     assert sum(low_rank_params.values()) + dense_rows == kept
 

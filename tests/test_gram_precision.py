@@ -104,16 +104,16 @@ def test_the_accumulator_takes_a_precision_and_keeps_its_interface():
         acc.close()
         assert acc.tokens == {"in": 600}
         grams[precision] = acc.grams["in"]
-    assert acc.precision == "float64"  # "auto" resolved on the first input (a CPU)
+    assert acc.precision == "float32-equilibrated"  # "auto" resolved on the first input (a CPU)
     ref = grams["float64"]
     assert ((grams["float32-equilibrated"] - ref).norm() / ref.norm()) < 1e-6
-    assert torch.equal(grams["auto"], grams["float64"])
+    assert torch.equal(grams["auto"], grams["float32-equilibrated"])
     with pytest.raises(ValueError, match="float32-equilibrated"):
         GramAccumulator("float16")
 
 
-def test_auto_picks_float32_equilibrated_only_on_gpus_with_slow_float64(monkeypatch):
-    assert resolve_gram_precision("auto", CPU) == "float64"
+def test_auto_keeps_float64_only_on_gpus_with_fast_float64(monkeypatch):
+    assert resolve_gram_precision("auto", CPU) == "float32-equilibrated"
     assert resolve_gram_precision("float32-equilibrated", CPU) == "float32-equilibrated"
     assert resolve_gram_precision("float64", CPU) == "float64"
     for capability, expected in [((9, 0), "float64"), ((8, 0), "float64"), ((8, 9), "float32-equilibrated"),
@@ -252,3 +252,18 @@ def test_windows_per_pass_fills_a_quarter_of_free_cuda_memory_and_is_one_on_a_cp
     assert windows_per_pass(model, 32, torch.device("cuda:0"), 2) == 2  # never more than there are
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10, 10 ** 12))
     assert windows_per_pass(model, 32, torch.device("cuda:0"), 10) == 1  # always at least one
+
+
+def test_checkpoints_made_under_an_earlier_auto_rule_are_not_resumed():
+    """`auto` changed meaning on CPUs (float64 → float32-equilibrated): its rule is part of what a
+    checkpoint must match, so Grams are never accumulated partly under each rule."""
+    from workbench.engine.calibration import AUTO_RULE
+    from workbench.profile.schema import parse_profile
+    from workbench.storage.checkpoint import _differences, result_fields
+
+    auto = result_fields(parse_profile(""))
+    assert auto["compression.gram_precision auto rule"] == AUTO_RULE
+    explicit = result_fields(parse_profile('[compression]\ngram_precision = "float64"\n'))
+    assert "compression.gram_precision auto rule" not in explicit
+    earlier = {k: v for k, v in auto.items() if k != "compression.gram_precision auto rule"}
+    assert any("auto rule" in d for d in _differences(earlier, auto))

@@ -40,7 +40,7 @@ def _share_a_basis(model, rank=8):
     basis = nn.Parameter(torch.randn(rank, 64))
     for i in (0, 1):
         low = LowRankLinear(64, 64, rank, basis=basis)
-        nn.init.normal_(low.coef)
+        nn.init.normal_(low.coef.weight)
         model.model.layers[i].self_attn.q_proj = low
     return model
 

@@ -79,8 +79,48 @@ def registry():
     return load_registry(strict=True)
 
 
+# Sweeps (docs/sweeps.md): stem -> (architecture, adapter, ratios, group sizes, allocators by label).
+SWEEPS = {
+    "paper-drank-llama-7b-sweep": (_llama_7b, "llama-mha", (0.2, 0.3, 0.4, 0.5), PAIRS_MHA,
+                                   {"uniform": "uniform", "drank": "drank",
+                                    "drank-rebalanced-b0.3": "drank-rebalanced", "loss-aware": "loss-aware"}),
+}
+
+
 def test_every_paper_profile_is_listed_here():
-    assert sorted(p.stem for p in PROFILES.glob("paper-*.toml")) == sorted({**EXPECTED, **DRANK})
+    assert sorted(p.stem for p in PROFILES.glob("paper-*.toml")) == sorted({**EXPECTED, **DRANK, **SWEEPS})
+
+
+@pytest.mark.parametrize("stem", sorted(SWEEPS))
+def test_paper_sweep_profile_fits_its_architecture(registry, stem):
+    build, adapter_name, ratios, sizes, allocators = SWEEPS[stem]
+    profile = load_profile(PROFILES / f"{stem}.toml", registry)
+    cal = profile.calibration
+    assert (cal.dataset, cal.samples, cal.seq_len) == ("wikitext2", 256, 2048)
+    sweep = profile.sweep
+    assert sweep.ratios == ratios and {a.label: a.name for a in sweep.allocators} == allocators
+    assert len(sweep.cells()) == len(ratios) * len(allocators)
+    by_label = {a.label: a.options for a in sweep.allocators}
+    assert by_label["drank-rebalanced-b0.3"] == {"beta": 0.3, "fallback": "none"}  # D-Rank Table 5, no fallback
+    assert "fisher" in profile.signals  # loss-aware's signal, computed once for the sweep
+
+    model_class, config = build()
+    with torch.device("meta"):
+        model = model_class(config)
+    adapter = registry.adapter_for(model)
+    assert adapter.name == adapter_name
+    plans = plan_groups(model, adapter, profile.compression.targets, profile.compression.ignore,
+                        profile.compression.group_size)
+    assert {p.matrix_type: len(p.layers) for p in plans} == sizes
+    spectra = _varied_spectra(plans)
+    dense = sum(s.dense_params for s in spectra)
+    for cell in sweep.cells():  # every cell's allocator meets its ratio (loss-aware needs a real signal)
+        if cell.allocator.name == "loss-aware":
+            continue
+        budget = budget_for(spectra, cell.ratio)
+        ranks = registry.allocators[cell.allocator.name].allocate(spectra, budget, cell.allocator.options)
+        ranks = check_allocation(spectra, ranks, budget, cell.allocator.name)
+        assert abs(1 - total_cost(spectra, ranks) / dense - cell.ratio) < 0.005
 
 
 @pytest.mark.parametrize("stem", sorted(EXPECTED))

@@ -158,6 +158,14 @@ def test_to_toml_round_trips(text):
     assert again.to_dict() == profile.to_dict()
 
 
+@pytest.mark.parametrize("path", sorted(QUICKSTART.parent.glob("quickstart*.toml")), ids=lambda p: p.name)
+def test_quickstart_profiles_validate_and_round_trip(path):
+    profile = load_profile(path)  # registry=None: the loaded plugins (the sweep names real allocators)
+    assert parse_profile(profile.to_toml()).to_dict() == profile.to_dict()
+    if path.stem.endswith("-sweep"):
+        assert len(profile.sweep.cells()) == 12
+
+
 def test_validate_profile_accepts_text_and_paths(tmp_path):
     assert validate_profile(QUICKSTART, registry=REGISTRY) == []
     assert validate_profile(str(QUICKSTART), registry=REGISTRY) == []

@@ -436,4 +436,4 @@ def test_compress_seconds_sum_the_stages_marked_compress():
     ctx = SimpleNamespace(stages=stages, timings={s.name: 1.0 for s in stages} | {"other": 5.0})
     assert compress_seconds(ctx) == sum(1.0 for s in stages if s.compress)
     assert {s.name for s in stages if s.compress} == {"calibrate", "sensitivity", "allocate", "assemble",
-                                                     "compensate"}
+                                                     "compensate", "recover"}

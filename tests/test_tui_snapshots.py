@@ -50,6 +50,20 @@ def fake_report(name: str, ratio: float, dense: float, compressed: float) -> dic
             "timings": {"total_s": 12.5, "compress_s": 7.25}, "profile": {"compression": {"group_size": 2}}}
 
 
+@pytest.fixture(autouse=True)
+def fixed_memory_reading(monkeypatch):
+    """The app samples this process's real RSS once a second: a fixed reading keeps the SVGs stable."""
+    import functools
+
+    from workbench.run import live_memory
+    from workbench.tui import app as app_module
+
+    def fixed(rank: int = 0) -> live_memory.MemorySample:
+        return live_memory.MemorySample(512 << 20, (), rank)
+
+    monkeypatch.setattr(app_module, "MemorySampler", functools.partial(live_memory.MemorySampler, read=fixed))
+
+
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

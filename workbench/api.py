@@ -301,6 +301,9 @@ class EvalResult:
 class Evaluator(Plugin):
     #: The dense figure depends only on model, options and this version: cache it across runs.
     cacheable: bool = False
+    #: Under torchrun: True runs `evaluate` in every process, each over its `process_share` of the
+    #: windows, summed with `all_reduce_sum`; False runs it in process 0 alone (the others get its result).
+    distributed: bool = False
     version: str = "1"
 
     def evaluate(self, model: "nn.Module", tokenizer: Any, options: Mapping[str, Any], ctx: EvalContext) -> EvalResult:
@@ -320,7 +323,7 @@ class SignalContext:
     `vt_linv` (r × in, Vᵀ L⁻¹) truncated at the group's break-even rank. `windows` are the
     calibration token windows (one row each); `options` the signal's declared options, validated,
     defaults filled. Report progress with `events.progress(stage, i, n)` and call `cancel.check()`
-    between windows.
+    between windows. `budget` / `ratio` are the run's target, `checkpoint` a progress store (below).
     """
 
     model: "nn.Module"
@@ -333,6 +336,14 @@ class SignalContext:
     cancel: Any  # workbench.events.CancelToken
     options: Mapping[str, Any] = field(default_factory=dict)
     stage: str = "sensitivity"  # the progress stage name the run shows
+    # The run's target: `ratio` (fraction of the targeted parameters removed) and `budget` (parameters the
+    # targeted layers may keep), for signals that train toward it; None where the caller has none.
+    budget: int | None = None
+    ratio: float | None = None
+    # Where a long signal keeps its progress for a resumed run: `save(meta, tensors)` commits (atomically)
+    # JSON-able meta and a {name: tensor} dict, `load()` returns the last (meta, tensors) or None.
+    # None: nothing is kept (no work directory).
+    checkpoint: Any = None
 
     @contextmanager
     def swapped(self, modules: Mapping[str, "nn.Module"]):
@@ -360,6 +371,10 @@ class Signal(Plugin):
     `[signals.<name>]` table.
     """
 
+    #: True when `compute` uses the run's target (`SignalContext.ratio` / `budget`): its result then
+    #: holds for one ratio only, so a `[sweep]` over several ratios cannot share it (refused).
+    depends_on_target: bool = False
+
     def compute(self, ctx: SignalContext) -> Mapping[str, Any]:
         raise NotImplementedError
 
@@ -384,6 +399,7 @@ _LAZY = {
     "LowRankLinear": "workbench.engine.lowrank",
     **dict.fromkeys(("evaluation_tokens", "wiki_vital_articles", "EMBEDDED_WIKI"), "workbench.sources.text"),
     "peak_memory": "workbench.run.resources",
+    **dict.fromkeys(("process_share", "all_reduce_sum"), "workbench.engine.distributed"),
 }
 
 
@@ -413,4 +429,6 @@ __all__ = [
     "peak_memory",
     # signals
     "Signal", "SignalContext",
+    # several processes (torchrun): a share of the windows, sums across processes; no-ops in one process
+    "process_share", "all_reduce_sum",
 ]

@@ -41,7 +41,9 @@ def _handle_signals(handler) -> None:
             signal.signal(sig, handler)
 
 
-if os.path.basename(sys.argv[0]) == "workbench" or __name__ == "__main__":  # started as the program
+# started as the program: the `workbench` script, `python -m workbench.cli`, or `python -m workbench` (torchrun)
+if os.path.basename(sys.argv[0]) == "workbench" or __name__ == "__main__" or sys.argv[0].endswith(
+        os.path.join("workbench", "__main__.py")):
     _handle_signals(_leave(_INTERRUPTED))  # nothing is done yet: a signal simply ends it
 
 import json  # noqa: E402
@@ -175,7 +177,9 @@ def run(
     """Compress, evaluate and write report.json (and the model) into the output directory."""
     from workbench.render.display import make_renderer, print_summary
     from workbench.events import CancelToken, EventBus
+    from workbench.run.live_memory import MemorySampler
     from workbench.run.pipeline import run_safely
+    from workbench.run.distributed import launched_processes, start as start_processes, stop as stop_processes
     from workbench.registry import get_registry
     from workbench.profile.schema import load_profile
 
@@ -184,21 +188,32 @@ def run(
         registry = get_registry()
         _warn_plugin_failures(registry)
         profile = load_profile(profile_path, registry)
-        renderer = make_renderer(log_format, out if log_format != "json" else Console(file=sys.stdout))
+        processes = start_processes(profile)  # under torchrun: join the job's other processes
+        leader = processes is None or processes.leader  # process 0 alone shows the run
+        renderer = make_renderer(log_format, out if log_format != "json" else Console(file=sys.stdout)) if leader \
+            else contextlib.nullcontext()
         cancel = CancelToken()
         with _Interrupts(cancel), renderer:
-            bus = EventBus([renderer])
+            bus = EventBus([renderer] if leader else [])
             try:
-                report = run_safely(profile, output_dir=output, force=force, events=bus, cancel=cancel,
-                                    registry=registry, resume=resume, preflight=not skip_preflight)
+                # Host RSS and each CUDA device's memory, once a second; a sample names its rank, so
+                # other ranks' samples forwarded onto process 0's bus get a line each (run/live_memory.py).
+                with MemorySampler(bus, rank=processes.rank if processes is not None else 0):
+                    report = run_safely(profile, output_dir=output, force=force, events=bus, cancel=cancel,
+                                        registry=registry, resume=resume, preflight=not skip_preflight)
             except KeyboardInterrupt as exc:
                 forced = Interrupted("forced by a second interrupt")
                 forced.checkpoint = getattr(exc, "checkpoint", None)
                 raise forced from None
-        if log_format != "json":
+        if log_format != "json" and leader:
             with _signals_meaning(_leave(int(ExitCode.OK))):  # published: a signal only cuts the summary short
                 try:
-                    print_summary(out, report)
+                    if report.get("kind") == "sweep":
+                        from workbench.render.sweep_table import print_sweep_summary
+
+                        print_sweep_summary(out, report)
+                    else:
+                        print_summary(out, report)
                 except Exception as exc:  # noqa: BLE001 - the run succeeded; a display bug must not make it exit 1
                     err.print(f"warning: could not show the summary ({type(exc).__name__}: {exc}); see the "
                               "report.md in the output directory", markup=False)
@@ -209,14 +224,18 @@ def run(
         if exc.checkpoint is not None:
             again = f"workbench run {profile_path}" + (f" --output {output}" if output else "") + " --resume" + (
                 " --force" if force else "")
+            if launched_processes() > 1:
+                again = f"torchrun <the same options> -m {again}"
             err.print(f"progress so far is checkpointed in {exc.checkpoint}; continue with: {again}", markup=False)
         raise exit_ from None
+    finally:
+        stop_processes()  # leave the torchrun job's process group, if this process joined one
 
 
 @app.command()
 def inspect(
     profile_path: Path = typer.Argument(..., metavar="PROFILE", help="The profile (TOML) whose model and calibration to use."),
-    allocators: Optional[str] = typer.Option(None, "--allocators", help="Comma-separated allocators (default: all installed)."),
+    allocators: Optional[str] = typer.Option(None, "--allocators", help="Comma-separated allocators (default: all installed but those that train, e.g. ara, unless the profile's)."),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="Ratio to allocate for (default: the profile's)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the rank map as a PNG (needs matplotlib)."),
@@ -249,6 +268,47 @@ def inspect(
             raise _fail(UsageError(f"--plot: cannot write {plot}: {why}")) from None
 
 
+@app.command("plan")
+def plan_command(
+    profile_path: Optional[Path] = typer.Argument(None, metavar="PROFILE", help="The profile (TOML) to plan; "
+                                                  "left out: the defaults, with --model."),
+    model: Optional[str] = typer.Option(None, "--model", help="Plan for this model instead of model.source: a "
+                                        "model directory, a config.json, a .gguf, or a hub id in the local cache."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: the profile's)."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="Ratio to plan for (default: the profile's)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where the output would go (its disk is "
+                                          "checked; default: the profile's [output] dir)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output (bytes)."),
+) -> None:
+    """Memory and disk a run needs, per device and for the host, for each offload mode and number of
+    processes, from the model's config alone (no weights); and which settings fit this machine."""
+    from workbench.profile.schema import load_profile, parse_profile
+    from workbench.registry import get_registry
+    from workbench.render.plan_view import plan_data, plan_view
+    from workbench.run.plan import settings
+    from workbench.run.plan_config import plan_model, this_machine
+    from workbench.sources.models import resolve_dtype
+
+    try:
+        if profile_path is None and model is None:
+            raise UsageError("give a PROFILE, or --model with a model directory or a config.json")
+        if dtype is not None:
+            resolve_dtype(dtype)
+        registry = get_registry()
+        profile = load_profile(profile_path, registry) if profile_path else parse_profile("", "<plan>", registry)
+        planned = plan_model(profile, registry, source=model, dtype=dtype, ratio=ratio)
+        where = output or Path(profile.output.dir)
+        machine = this_machine(where)
+        rows = settings(planned.shapes)
+    except WorkbenchError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(plan_data(planned, rows, machine), indent=2))
+        return
+    Console(highlight=False, emoji=False).print(plan_view(planned, rows, machine, profile.compression.allocator,
+                                                          str(where)))
+
+
 def _check_inspect_options(ratio: Optional[float], plot: Optional[Path]) -> None:
     """What cannot work is refused before the model is loaded and calibrated."""
     if ratio is not None and not 0 <= ratio < 1:  # also NaN
@@ -261,6 +321,40 @@ def _check_inspect_options(ratio: Optional[float], plot: Optional[Path]) -> None
             raise UsageError(f"--plot: {plot} is a directory; give a file name such as {plot / 'ranks.png'}")
         if not os.access(folder, os.W_OK):
             raise UsageError(f"--plot: the folder {folder} cannot be written")
+
+
+@app.command("sweep-plot")
+def sweep_plot(
+    output: Path = typer.Argument(..., metavar="OUTPUT", help="A sweep's output directory (one with sweep.json)."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="The metric to draw: its name (perplexity), "
+                                         "its evaluator's, or evaluator:metric (default: the first)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The PNG to write (default: OUTPUT/sweep.png)."),
+    log_y: bool = typer.Option(False, "--log-y", help="A logarithmic metric axis."),
+) -> None:
+    """Draw a sweep's metric against the parameters kept, one line per allocator (needs matplotlib)."""
+    from workbench.render.sweep_plot import plot_sweep_png
+    from workbench.render.sweep_table import pick_metric
+    from workbench.run.sweep import load_sweep
+
+    target = out if out is not None else output / "sweep.png"
+    try:
+        summary = load_sweep(output)
+        try:
+            pick_metric(summary, metric)
+        except ValueError as exc:
+            raise UsageError(f"--metric: {exc}") from None
+        folder = target.parent if str(target.parent) else Path(".")
+        if not folder.is_dir() or target.is_dir():
+            raise UsageError(f"--out: {target} cannot be written (" + ("a directory" if target.is_dir() else
+                             f"the folder {folder} does not exist") + "); give a file name such as sweep.png")
+        plot_sweep_png(summary, target, metric, log_y)
+    except WorkbenchError as exc:
+        raise _fail(exc) from None
+    except ImportError as exc:
+        raise _fail(UsageError(str(exc))) from None
+    except (OSError, ValueError) as exc:  # matplotlib: unwritable path, unknown image suffix
+        raise _fail(UsageError(f"--out: cannot write {target}: {getattr(exc, 'strerror', None) or exc}")) from None
+    typer.echo(f"wrote {target}")
 
 
 @profile_app.command("validate")

@@ -14,6 +14,8 @@ from workbench.errors import UsageError
 # name -> (default, smallest allowed value, what it sets)
 NUMBERS = {
     "WORKBENCH_CHECKPOINT_SPACING": (10.0, 0.0, "how sparingly calibration checkpoints are written; 0 = every layer"),
+    # torch.distributed's own default; long enough for process 0 to save a large model while the others wait
+    "WORKBENCH_DIST_TIMEOUT": (1800.0, 1.0, "seconds a torchrun process waits for the others at a collective"),
 }
 
 

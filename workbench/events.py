@@ -15,6 +15,7 @@ STAGE_END = "stage_end"
 PROGRESS = "progress"
 LOG = "log"
 WARNING = "warning"
+MEMORY = "memory"  # a periodic reading: data is workbench.run.live_memory.MemorySample.to_data()
 
 # What `Event.memory_bytes` measures: the process's resident set, or the GPU allocator's live bytes.
 HOST_RSS = "host RSS"
@@ -75,6 +76,11 @@ class CancelToken:
     def check(self) -> None:
         if self._event.is_set():
             raise Interrupted(self.reason)
+
+    def sync(self) -> None:
+        """A safe point every process of a run reaches together (between stages): where a torchrun
+        job agrees to stop (workbench/run/distributed.py). In one process, `check`."""
+        self.check()
 
 
 class EventBus:

@@ -305,12 +305,14 @@ class Report:
     resumed_from_checkpoint: list[str] | None = None  # what an interrupted run had done
     # the compensate stage: options (sequential, update, ridge), per-site objectives, time; None when off
     compensation: dict[str, Any] | None = None
+    # the recover stage ([recovery] method = "lora"): its settings, the loss per step, time; None when off
+    recovery: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """What report.json holds (`format` first); `notes` are the reader's and are not written."""
-        out = _written(self, skip_none=("resumed_from_checkpoint", "compensation"))
+        out = _written(self, skip_none=("resumed_from_checkpoint", "compensation", "recovery"))
         out["ranks"] = [row.to_dict() for row in self.ranks]
         out["metrics"] = [m.to_dict() for m in self.metrics]
         return out
@@ -351,6 +353,7 @@ def _read(data: Mapping[str, Any]) -> Report:
         profile=r.mapping(data, "profile", ""),
         resumed_from_checkpoint=[str(x) for x in resumed] if resumed is not None else None,
         compensation=r.mapping(data, "compensation", "") or None,
+        recovery=r.mapping(data, "recovery", "") or None,
         extra=_extra(data, Report),
     )
     report.notes = r.notes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from workbench.api import hookimpl
 
+from workbench_allocators.ara import AraAllocator
 from workbench_allocators.drank import DRankAllocator, DRankRebalancedAllocator
 from workbench_allocators.loss_aware import LossAwareAllocator
 from workbench_allocators.protect_first import ProtectFirstAllocator
@@ -17,3 +18,4 @@ def register_allocators(register):
     register(DRankRebalancedAllocator())
     register(ProtectFirstAllocator())
     register(LossAwareAllocator())
+    register(AraAllocator())

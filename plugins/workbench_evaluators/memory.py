@@ -41,10 +41,12 @@ def decoder_linear_layers(model: nn.Module) -> tuple[list[LowRankLinear], list[n
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     low_rank, dense = [], []
     for root in scopes:
+        # A LowRankLinear's factors are nn.Linear children: counted with it, not as dense layers.
+        factors = {id(f) for m in root.modules() if isinstance(m, LowRankLinear) for f in m.modules() if f is not m}
         for module in root.modules():
             if isinstance(module, LowRankLinear):
                 low_rank.append(module)
-            elif isinstance(module, nn.Linear) and module is not head:
+            elif isinstance(module, nn.Linear) and module is not head and id(module) not in factors:
                 dense.append(module)
     return low_rank, dense, scope
 

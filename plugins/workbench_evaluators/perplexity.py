@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from workbench.api import EvalContext, EvalResult, Evaluator, Option, UsageError
+from workbench.api import EvalContext, EvalResult, Evaluator, Option, UsageError, all_reduce_sum, process_share
 from workbench_evaluators.forward import logits_of
 
 
@@ -40,11 +40,12 @@ def perplexity(
         raise UsageError(
             f"perplexity: the evaluation text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}"
         )
-    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
+    mine = process_share(n_windows)  # under torchrun: this process's windows; the sums are added below
+    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)[mine.start : mine.stop]
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
-    n_batches = math.ceil(n_windows / batch_size)
+    n_batches = math.ceil(len(mine) / batch_size)
     total_nll = 0.0  # a Python float is float64
     was_training = model.training
     model.eval()  # dropout would make the figure random
@@ -65,6 +66,7 @@ def perplexity(
                     on_batch(b + 1, n_batches)
     finally:
         model.train(was_training)
+    total_nll = all_reduce_sum(total_nll)  # float64, exact to ~1e-16 relative of one process's sum
 
     n_tokens = n_windows * (seq_len - 1)
     nll = total_nll / n_tokens
@@ -81,6 +83,7 @@ class PerplexityEvaluator(Evaluator):
     name = "perplexity"
     description = "Perplexity on non-overlapping windows of an evaluation text (lower is better)."
     cacheable = True
+    distributed = True  # under torchrun each process takes its share of the windows
     options = (
         Option("dataset", str, "embedded:wiki-vital", "evaluation text: embedded:wiki-vital, wikitext2, ptb, c4, or a .txt/.jsonl path"),
         Option("seq_len", int, 512, "tokens per window", min=8),

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from workbench.api import hookimpl
 
+from workbench_signals.ara import AraSignal
 from workbench_signals.fisher import FisherSignal
 
 
 @hookimpl
 def register_signals(register):
     register(FisherSignal())
+    register(AraSignal())

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from workbench.api import Option, Signal, SignalContext
+from workbench.api import Option, Signal, SignalContext, all_reduce_sum, process_share
 
 
 def fisher_scores(model, adapter, plans: Sequence[Any], factors: Mapping[str, Any], windows, device, events,
@@ -35,6 +35,9 @@ def fisher_scores(model, adapter, plans: Sequence[Any], factors: Mapping[str, An
     from torch.nn import functional as F
 
     layers = adapter.decoder_layers(model)
+    n_all = windows.shape[0]
+    mine = process_share(n_all)  # under torchrun: this process's windows; the sums are added at the end
+    windows = windows[mine.start:mine.stop]
     n = windows.shape[0]
     per_pass = per_pass or windows_per_pass(model, windows.shape[1], device, n)
     current: dict[str, torch.Tensor] = {}  # per window of this pass: Σ_t (ΔU)·(XP), before σ
@@ -93,7 +96,8 @@ def fisher_scores(model, adapter, plans: Sequence[Any], factors: Mapping[str, An
             h.remove()
         for p, flag in zip(params, was_trainable):
             p.requires_grad_(flag)
-    return {key: (0.5 * t / max(n, 1)).cpu() for key, t in total.items()}
+    total = all_reduce_sum(total)  # float64 sums, group by group in plan order
+    return {key: (0.5 * t / max(n_all, 1)).cpu() for key, t in total.items()}
 
 
 def windows_per_pass(model, seq_len: int, device, available: int) -> int:

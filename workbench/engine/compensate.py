@@ -162,7 +162,7 @@ def _update_site(plan: GroupPlan, i: int, module: LowRankLinear, weight: torch.T
     t0 = time.perf_counter()
     g, c, gh = stats["gram"], stats["cross"], stats["gram_hat"]
     w = weight.to(device=g.device, dtype=torch.float64)
-    p, q = module.basis.detach().double(), module.coef.detach().double()
+    p, q = module.basis.weight.detach().double(), module.coef.weight.detach().double()
     before = output_error(w, q, p, g, c, gh)
     entry: dict[str, Any] = {"group": plan.key, "layer": i, "rank": module.rank, "objective_before": before}
     current = before
@@ -184,15 +184,15 @@ def _update_site(plan: GroupPlan, i: int, module: LowRankLinear, weight: torch.T
         if entry["refactored"]:
             p, q, current = p_new, q_new, refit
             with torch.no_grad():
-                module.basis.copy_(p)
-                module.coef.copy_(q)
+                module.basis.weight.copy_(p)
+                module.coef.weight.copy_(q)
     if update == "closed-form":
         result = update_coefficients(w, p, g, c, gh, coef=q, ridge=ridge)
         entry.update(ridge=result.ridge, updated=result.taken)
         if result.taken:
             current = result.objective_after
             with torch.no_grad():
-                module.coef.copy_(result.coef)
+                module.coef.weight.copy_(result.coef)
     entry["objective_after"] = current
     entry["time_s"] = round(shared_s + time.perf_counter() - t0, 4)
     return entry

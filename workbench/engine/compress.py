@@ -14,7 +14,7 @@ from workbench.errors import PluginError, RunFailed, WorkbenchError, blame
 from workbench.events import CancelToken, EventBus
 from workbench.engine.factorize import GroupFactors, measured_loss, predicted_loss, whitened_svd
 from workbench.engine.grouping import GroupPlan, module_prefix
-from workbench.engine.lowrank import LowRankLinear
+from workbench.engine.lowrank import LowRankLinear, factor_linear
 from workbench.engine.numerics import check_factors, loss_check_failed
 from workbench.engine.state import CalibrationCheckpoint, CalibrationState  # noqa: F401 - CalibrationState re-exported
 from workbench.engine.walk import Factor, GramStatistics, LayerWalk, Strategies
@@ -40,7 +40,7 @@ def _weights(layers: nn.ModuleList, plan: GroupPlan) -> list[torch.Tensor]:
 
 
 def _factor_group(layers, plan: GroupPlan, grams: dict, method: str, device, full: bool) -> GroupFactors:
-    gram = sum(grams[(plan.site.input_group, i)] for i in plan.layers)
+    gram = sum(grams[(plan.site.input_group, i)].to(device) for i in plan.layers)  # a resumed one may be on the host
     weights = _weights(layers, plan)
     full_rank = min(plan.in_features, len(plan.layers) * plan.out_features)
     keep = full_rank if full else break_even_rank(plan.in_features, plan.out_features, len(plan.layers))
@@ -78,7 +78,8 @@ def group_factorer(whitening: str, device: torch.device, events: EventBus, full_
 def calibrate(model: nn.Module, adapter: Adapter, plans: Sequence[GroupPlan], windows: torch.Tensor,
               device: torch.device, events: EventBus, cancel: CancelToken, whitening: str = "cholesky",
               batch_size: int = 8, full_factors: bool = False, checkpoint: CalibrationCheckpoint | None = None,
-              strategies: Strategies | None = None, gram_precision: str = "float64") -> Calibrated:
+              strategies: Strategies | None = None, gram_precision: str = "float64",
+              factors_home: torch.device | None = None, factor_spill: Any = None) -> Calibrated:
     """Walk the layers once (workbench/engine/walk.py), factoring every group as soon as its last layer is done.
 
     Factors are kept up to break-even rank (beyond it a group stays dense); `full_factors` keeps
@@ -86,19 +87,28 @@ def calibrate(model: nn.Module, adapter: Adapter, plans: Sequence[GroupPlan], wi
     `workbench.storage.checkpoint.WorkDir`) hands back the state of an interrupted run to continue
     from and is given the state after each layer. `strategies` replaces the walk's defaults;
     without them, `gram_precision` (a resolved mode, see `resolve_gram_precision`) picks how the
-    default accumulator forms its Gram products.
+    default accumulator forms its Gram products. `factors_home` (offload): where each group's factors
+    go once checked, off the compute device; `factor_spill` (an offload.FactorSpill) writes them to files
+    mapped back into memory instead of holding them there.
     """
     if strategies is None:
         strategies = Strategies(accumulator=GramStatistics(gram_precision))
     last = max(i for p in plans for i in p.layers)
-    state = checkpoint.load_calibration(device) if checkpoint is not None else None
+    state = checkpoint.load_calibration(factors_home or device) if checkpoint is not None else None
     if state is not None:
         events.log("calibrate", f"resumed from the checkpoint: {state.next_layer} of {last + 1} layers done")
     after: list = []
     if checkpoint is not None:
         after.append(lambda done: checkpoint.save_calibration(done.state, final=done.final, layers=done.last + 1))
     after.append(lambda done: events.progress("calibrate", done.index + 1, done.last + 1, data={"unit": "layer"}))
-    walk = LayerWalk(model, adapter, plans, group_factorer(whitening, device, events, full_factors), strategies, after)
+    factor = group_factorer(whitening, device, events, full_factors)
+    if factors_home is not None:
+        from workbench.engine.offload import factors_to_host
+
+        factor = factors_to_host(factor, factor_spill)
+    if factor_spill is not None:
+        after.append(lambda done: factor_spill.remap(done.state.factors))
+    walk = LayerWalk(model, adapter, plans, factor, strategies, after)
     final = walk.run(windows, device, cancel.check, batch_size, state)
     factors = final.factors
     spectra = [GroupSpectrum(p.key, p.matrix_type, p.layers, p.in_features, p.out_features,
@@ -150,12 +160,13 @@ def assemble(model: nn.Module, adapter: Adapter, plans: Sequence[GroupPlan], fac
         dtype, device = first.weight.dtype, first.weight.device
         qs, p = factors[plan.key].factors(rank, dtype=dtype)
         check_factors(plan.key, qs, p, dtype)
-        basis = nn.Parameter(p.to(device), requires_grad=False)
+        # One basis module per group, held by each of its layers (peft and saving see it as shared).
+        basis = factor_linear(plan.in_features, rank, weight=nn.Parameter(p.to(device), requires_grad=False))
         for i, q in zip(plan.layers, qs):
             old = layers[i].get_submodule(plan.site.path)
             new = LowRankLinear(plan.in_features, plan.out_features, rank, bias=old.bias is not None,
                                 basis=basis, dtype=dtype, device=device)
-            new.coef = nn.Parameter(q.to(device), requires_grad=False)
+            new.coef = factor_linear(rank, plan.out_features, weight=nn.Parameter(q.to(device), requires_grad=False))
             if old.bias is not None:
                 new.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)
             with blame(f"adapter '{adapter.name}'", f"replacing {plan.site.path} in layer {i}"):

@@ -45,16 +45,19 @@ def compute_signal(signal: Signal, who: str, ctx: SignalContext) -> dict[str, An
 
 def compute_signals(registry, names: Sequence[str], model: nn.Module, adapter: Adapter, plans: Sequence[Any],
                     factors: Mapping[str, Any], windows: torch.Tensor, device: torch.device, events: EventBus,
-                    cancel: CancelToken, options: Mapping[str, Mapping[str, Any]] | None = None
+                    cancel: CancelToken, options: Mapping[str, Mapping[str, Any]] | None = None,
+                    budget: int | None = None, ratio: float | None = None, checkpoint: Any = None
                     ) -> dict[str, dict[str, Any]]:
-    """{signal name: {group key: value}} for each of `names`; `options` per signal (defaults filled)."""
+    """{signal name: {group key: value}} for each of `names`; `options` per signal (defaults filled);
+    `budget` / `ratio` / `checkpoint` as `SignalContext` has them."""
     options = options or {}
     out = {}
     for name in names:
         signal = registry.get("signal", name)
         ctx = SignalContext(model=model, adapter=adapter, plans=plans, factors=factors, windows=windows,
                             device=device, events=events, cancel=cancel,
-                            options=signal_options(signal, options.get(name)))
+                            options=signal_options(signal, options.get(name)), budget=budget, ratio=ratio,
+                            checkpoint=checkpoint)
         out[name] = compute_signal(signal, registry.describe("signal", name), ctx)
     return out
 

@@ -7,7 +7,8 @@
                   layer over every batch
       reduce      Reducer.reduce(i, statistics, tokens): every per-layer statistic passes through here
                   before anything uses it (where an all-reduce across processes goes)
-      factor      each group whose last layer is i, from its layers' statistics (the `factor` callable)
+      factor      each group whose last layer is i, from its layers' statistics (the `factor` callable,
+                  run through Reducer.factor_groups, which may share the groups out among processes)
       release     Placement.after(i, layer); statistics no pending group needs are freed
       propagate   Propagator.advance(i): the layer's outputs become the next layer's inputs
       after       each after-layer callback gets a `LayerDone` (checkpoint, progress)
@@ -83,11 +84,17 @@ class GramStatistics:
 
 
 class Reducer:
-    """Sees every per-layer statistic before it is used. Default: one process, nothing to combine."""
+    """Sees every per-layer statistic before it is used, and factors the groups complete at a layer.
+    Default: one process, nothing to combine, groups factored one after the other."""
 
     def reduce(self, index: int, stats: dict[str, torch.Tensor], tokens: dict[str, int]
                ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         return stats, tokens
+
+    def factor_groups(self, factor: "Factor", layers: nn.ModuleList, plans: Sequence[GroupPlan], stats: dict
+                      ) -> list[tuple[GroupFactors, dict[str, Any]]]:
+        """`factor` of each plan, in order (where processes would share the work)."""
+        return [factor(layers, plan, stats) for plan in plans]
 
 
 class Propagator(Protocol):
@@ -229,8 +236,10 @@ class LayerWalk:
                         stats[(group, i)] = stat
                         tokens = layer_tokens.get(group, tokens)
                     done = []
-                    for plan in [p for p in pending.values() if p.layers[-1] == i]:
-                        factors[plan.key], entry = self.factor(layers, plan, stats)
+                    ready = [p for p in pending.values() if p.layers[-1] == i]
+                    results = s.reducer.factor_groups(self.factor, layers, ready, stats)
+                    for plan, (group_factors, entry) in zip(ready, results):
+                        factors[plan.key] = group_factors
                         report.append(entry)
                         del pending[plan.key]
                         done.append(plan.key)

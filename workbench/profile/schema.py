@@ -1,8 +1,9 @@
 """Run profiles: TOML files parsed into validated dataclasses with every default filled in.
 
 A profile has the sections `[model]`, `[calibration]`, `[compression]` (with
-`[compression.allocator_options]`), `[[evaluate]]`, `[output]` and `[signals.<name>]` (one table per
-signal, e.g. `[signals.fisher]`), plus optional top-level `name` and `description`; `SECTIONS`
+`[compression.allocator_options]`), `[[evaluate]]`, `[output]`, `[signals.<name>]` (one table per
+signal, e.g. `[signals.fisher]`), `[recovery]` (LoRA training after compression) and `[sweep]` (several
+values of a few compression keys, one run each: workbench/profile/sweep.py), plus optional top-level `name` and `description`; `SECTIONS`
 declares their keys and defaults. Allocator, evaluator and signal options are checked against what
 the registered plugin declares.
 
@@ -32,6 +33,7 @@ import tomlkit
 from workbench.errors import Problem, ProfileError
 from workbench.sources.files import file_problem
 from workbench.api import Option, nearest, validate_options
+from workbench.profile.sweep import Sweep, check_sweep
 from workbench.profile.checks import (
     DATASET_ALLOWED,
     GROUP_SIZE_ALLOWED,
@@ -64,6 +66,9 @@ SECTIONS: dict[str, tuple[Option, ...]] = {
         Option("source", str, "embedded:smollm2-135m", f"the model: {SOURCE_ALLOWED}"),
         Option("dtype", str, "float32", "weights dtype", choices=("float32", "bfloat16", "float16")),
         Option("device", str, "auto", "auto, cpu, cuda or cuda:N"),
+        Option("offload", str, "auto", "where decoder layers' weights wait between uses: none (on the device), cpu "
+               "(host memory), disk (read layer by layer from the safetensors files), auto (the least that fits; "
+               "docs/scaling.md, Offload)", choices=("none", "cpu", "disk", "auto")),
     ),
     "calibration": (
         Option("dataset", str, "embedded:wiki-vital", f"calibration text: {DATASET_ALLOWED}"),
@@ -92,13 +97,34 @@ SECTIONS: dict[str, tuple[Option, ...]] = {
         Option("dir", str, None, "output directory (default: runs/<profile file stem>)"),
         Option("save_model", bool, True, "save the compressed model next to report.json"),
     ),
+    # LoRA training of the low-rank factors after compression, merged back into them (docs/compensation.md).
+    "recovery": (
+        Option("method", str, "none", "train the compressed model after compression: none or lora (peft)",
+               choices=("none", "lora")),
+        Option("rank", int, 8, "LoRA rank of each adapter", min=1),
+        Option("alpha", float, 16.0, "LoRA alpha: the adapters are scaled by alpha / rank", min=0.0),
+        Option("dropout", float, 0.0, "LoRA dropout", min=0.0, max=0.9),
+        Option("steps", int, 100, "optimizer steps", min=1),
+        Option("lr", float, 1e-4, "AdamW learning rate", min=0.0),
+        Option("batch_size", int, 4, "training windows per step", min=1),
+        Option("seq_len", int, 256, "tokens per training window", min=8),
+        Option("dataset", str, "embedded:wiki-vital", f"training text (its calibration split; never the "
+               f"evaluation split): {DATASET_ALLOWED}"),
+        Option("seed", int, 0, "seed for the training windows, the adapters' initialisation and dropout",
+               min=0, max=2**32 - 1),
+        Option("targets", list, ["coef", "basis"], "which factors get adapters: \"coef\" (Q), \"basis\" (P; "
+               "a basis shared by a group gets one adapter)"),
+        Option("checkpoint_every", int, 25, "checkpoint the training every this many steps", min=1),
+    ),
 }
 TOP_LEVEL = (
     Option("name", str, None, "profile name (default: the file stem)"),
     Option("description", str, "", "a line about what this profile is for"),
 )
 _BY_HAND = frozenset({"ratio", "group_size", "targets", "ignore", "allocator_options"})
-_TOP_ALLOWED = "name, description, [model], [calibration], [compression], [[evaluate]], [output], [signals.<name>]"
+_TOP_ALLOWED = ("name, description, [model], [calibration], [compression], [[evaluate]], [output], "
+                "[signals.<name>], [recovery], [sweep]")
+RECOVERY_TARGETS = ("coef", "basis")
 # Allocator options that became a signal's: refused with where they live now (no silent reinterpretation).
 MOVED_ALLOCATOR_OPTIONS = {"fisher_windows": ("fisher", "windows")}
 
@@ -111,6 +137,7 @@ class ModelSection:
     source: str
     dtype: str
     device: str
+    offload: str = "auto"  # "none", "cpu", "disk" or "auto" (workbench/engine/offload.py, choose_offload)
 
 
 @dataclass(frozen=True)
@@ -149,6 +176,24 @@ class OutputSection:
 
 
 @dataclass(frozen=True)
+class RecoverySection:
+    """`[recovery]`: LoRA training after compression (workbench/engine/recovery.py); method "none" skips it."""
+
+    method: str = "none"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 4
+    seq_len: int = 256
+    dataset: str = "embedded:wiki-vital"
+    seed: int = 0
+    targets: list[str] = field(default_factory=lambda: ["coef", "basis"])
+    checkpoint_every: int = 25
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     description: str
@@ -161,6 +206,8 @@ class Profile:
     output: OutputSection
     # {signal name: resolved options} for the signals the allocator needs and those the profile sets.
     signals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    recovery: RecoverySection = field(default_factory=RecoverySection)
+    sweep: Sweep | None = None  # `[sweep]`: one run per combination of its values (workbench/profile/sweep.py)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved profile as plain data; None values are left out, so it is valid TOML."""
@@ -175,6 +222,10 @@ class Profile:
         }
         if self.signals:
             data["signals"] = copy.deepcopy(self.signals)
+        if self.recovery != RecoverySection():  # all defaults (off): left out, so old profiles read as before
+            data["recovery"] = dataclasses.asdict(self.recovery)
+        if self.sweep is not None:
+            data["sweep"] = self.sweep.to_dict()
         return _drop_none(data)
 
     def to_toml(self) -> str:
@@ -233,6 +284,23 @@ def _check_compression(c: Checker, given: dict, registry: Any) -> CompressionSec
                               v["gram_precision"], v["sequential"], v["update"], float(v["ridge"]))
 
 
+def _check_recovery(c: Checker, given: dict) -> RecoverySection:
+    v = c.section(given, "recovery", SECTIONS["recovery"])
+    check_dataset(c, v["dataset"], "recovery.dataset")
+    targets = v["targets"]
+    allowed = 'a non-empty list of "coef" and/or "basis"'
+    if not targets or not all(isinstance(t, str) for t in targets):
+        c.add("recovery.targets", f"expected {allowed}, got {targets!r}", allowed)
+        targets = ["coef"]
+    for t in targets:
+        if t not in RECOVERY_TARGETS:
+            c.add("recovery.targets", f"unknown factor {t!r}", allowed, nearest(t, list(RECOVERY_TARGETS)))
+    v["targets"] = list(dict.fromkeys(targets))
+    if v["lr"] == 0:
+        c.add("recovery.lr", "a learning rate of 0 trains nothing", "a number > 0, e.g. 1e-4")
+    return RecoverySection(**{**v, "alpha": float(v["alpha"]), "dropout": float(v["dropout"]), "lr": float(v["lr"])})
+
+
 def _check_signals(c: Checker, value: Any, registry: Any, allocator: str) -> dict[str, dict[str, Any]]:
     """`[signals.<name>]` tables against the registered signals; the allocator's `needs` must be registered.
 
@@ -288,12 +356,12 @@ def _check_evaluate(c: Checker, value: Any, registry: Any) -> list[EvaluateEntry
 
 def _check_top_level(c: Checker, data: dict) -> None:
     """Report unknown top-level keys, suggesting the section a stray key belongs to."""
-    known = [o.name for o in TOP_LEVEL] + [*SECTIONS, "evaluate", "signals"]
+    known = [o.name for o in TOP_LEVEL] + [*SECTIONS, "evaluate", "signals", "sweep"]
     for name, value in data.items():
         if name in known:
             continue
         if isinstance(value, dict):
-            c.add(name, "unknown section", _TOP_ALLOWED, nearest(name, [*SECTIONS, "evaluate"]))
+            c.add(name, "unknown section", _TOP_ALLOWED, nearest(name, [*SECTIONS, "evaluate", "sweep"]))
             continue
         home = next((s for s, options in SECTIONS.items() if any(o.name == name for o in options)), None)
         if home:
@@ -346,6 +414,9 @@ def parse_profile(text: str, file: str = "<profile>", registry: Any = None) -> P
     compression = _check_compression(c, sections["compression"], registry)
     evaluate = _check_evaluate(c, data.get("evaluate", []), registry)
     signals = _check_signals(c, data.get("signals", {}), registry, compression.allocator)
+    recovery = _check_recovery(c, sections["recovery"])
+    sweep, sweep_signals = check_sweep(c, data.get("sweep"), registry, compression, signals)
+    signals = {**signals, **sweep_signals}  # each signal a swept allocator needs, computed once for all cells
 
     output = c.section(sections["output"], "output", SECTIONS["output"])
     if output["dir"] is None:
@@ -366,6 +437,8 @@ def parse_profile(text: str, file: str = "<profile>", registry: Any = None) -> P
         evaluate=evaluate,
         output=OutputSection(**output),
         signals=signals,
+        recovery=recovery,
+        sweep=sweep,
     )
 
 

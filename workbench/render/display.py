@@ -21,10 +21,11 @@ from rich.text import Text
 
 from workbench.errors import UsageError
 from workbench.render.literal import literal
-from workbench.events import GPU_ALLOCATED, LOG, PROGRESS, STAGE_END, STAGE_START, WARNING, Event
+from workbench.events import GPU_ALLOCATED, LOG, MEMORY, PROGRESS, STAGE_END, STAGE_START, WARNING, Event
 from workbench.render.eta import StageEta
 from workbench.render.numbers import format_bytes, format_change, format_count, format_figure, format_seconds
 from workbench.report import Metric, Params, Report, load_report
+from workbench.run.live_memory import MemorySample
 
 MODES = ("auto", "live", "plain", "json")
 
@@ -73,14 +74,20 @@ class PlainRenderer(_Renderer):
         self._last_progress: dict[str, float] = {}
         self._started: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._sample: MemorySample | None = None  # the latest MEMORY reading: appended to each line
 
     def __call__(self, event: Event) -> None:
         with self._lock:
+            if event.kind == MEMORY:  # periodic: shown on the next line printed, never a line of its own
+                self._sample = MemorySample.from_data(event.data) or self._sample
+                return
             body = self._body(event)
             if body is None:
                 return
             line = f"{_timestamp(event.time)} [{event.stage}] {body}"
-            if event.memory_bytes is not None:
+            if self._sample is not None:
+                line += f"  {self._sample.text()}"
+            elif event.memory_bytes is not None:
                 label = "gpu" if event.memory_kind == GPU_ALLOCATED else "rss"
                 line += f"  {label} {format_bytes(event.memory_bytes)}"
             self.stream.write(line + "\n")
@@ -156,6 +163,9 @@ class LiveRenderer(_Renderer):
         self._memory: int | None = None
         self._peak_memory: int | None = None
         self._memory_kind: str | None = None
+        self._samples: dict[int, MemorySample] = {}  # the latest MEMORY reading per rank
+        self._peak_rss: dict[int, int] = {}
+        self._rank_progress: dict[int, Event] = {}  # PROGRESS of ranks other than 0 (data["rank"])
         self._eta_clock = StageEta()
         self._done: list[tuple[str, float | None]] = []
         self._lines: deque[Text] = deque(maxlen=log_lines)
@@ -174,7 +184,15 @@ class LiveRenderer(_Renderer):
                     self._peak_memory, self._memory_kind = None, event.memory_kind
                 self._memory = event.memory_bytes
                 self._peak_memory = max(self._peak_memory or 0, event.memory_bytes)
-            if event.kind == STAGE_START:
+            rank = (event.data or {}).get("rank", 0)
+            if event.kind == MEMORY:
+                sample = MemorySample.from_data(event.data)
+                if sample is not None:
+                    self._samples[sample.rank] = sample
+                    self._peak_rss[sample.rank] = max(self._peak_rss.get(sample.rank, 0), sample.host_rss)
+            elif event.kind == PROGRESS and isinstance(rank, int) and rank > 0:
+                self._rank_progress[rank] = event  # shown beside rank 0's bar, which it does not move
+            elif event.kind == STAGE_START:
                 self._stage, self._stage_start, self._progress = event.stage, event.time, None
                 self._eta_clock.start(event.time)
             elif event.kind == STAGE_END:
@@ -229,7 +247,15 @@ class LiveRenderer(_Renderer):
                     parts.append(row)
                 elif elapsed is not None:
                     parts.append(Text(f"elapsed {format_seconds(elapsed)}", style="dim"))
-            if self._memory is not None:
+            if self._rank_progress:
+                parts.append(Text("  ".join(f"rank {r}: {e.stage} {_progress_text(e)}"
+                                            for r, e in sorted(self._rank_progress.items())), style="dim"))
+            if self._samples:
+                for rank, sample in sorted(self._samples.items()):
+                    who = f"rank {rank} " if len(self._samples) > 1 else ""
+                    parts.append(Text(f"{who}memory: {sample.text()} (peak host RSS "
+                                      f"{format_bytes(self._peak_rss[rank])})"))
+            elif self._memory is not None:
                 kind = "GPU allocated" if self._memory_kind == GPU_ALLOCATED else "host RSS"
                 parts.append(Text(f"memory {format_bytes(self._memory)} ({kind}; peak {format_bytes(self._peak_memory)})"))
             parts.extend(self._lines)
@@ -332,6 +358,10 @@ def summary_table(report: Report | Mapping[str, Any] | None) -> Table:
         from workbench.render.report_md import compensation_text
 
         blocks.append(Text("compensation: " + compensation_text(r.compensation)))
+    if r.recovery:
+        from workbench.render.report_md import recovery_text
+
+        blocks.append(Text("recovery: " + recovery_text(r.recovery)))
     if r.resumed_from_checkpoint:
         reused = ", ".join(r.resumed_from_checkpoint)
         blocks.append(Text(f"resumed from a checkpoint: {reused} (times cover this run only)"))

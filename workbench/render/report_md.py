@@ -119,6 +119,51 @@ def _compensation_lines(section: Mapping[str, Any] | None) -> list[str]:
     return [f"- compensation: {text}", *(f"  - {_num(n)}" for n in section.get("notes") or [])]
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def recovery_text(section: Mapping[str, Any] | None) -> str | None:
+    """One line on the recover stage (settings, loss first → last, what trained, time); None when it did not run."""
+    if not section:
+        return None
+    targets = section.get("targets")
+    targets = "+".join(str(t) for t in targets) if isinstance(targets, list) else _num(targets)
+    text = (f"{_num(section.get('method'))} rank {_num(section.get('rank'))} (alpha {_num(section.get('alpha'))}) on "
+            f"{targets}, {_num(section.get('steps'))} steps of {_num(section.get('batch_size'))} × "
+            f"{_num(section.get('seq_len'))} tokens of {_num(section.get('dataset'))}, lr {_num(section.get('lr'))}")
+    first, last = _number(section.get("loss_first")), _number(section.get("loss_last"))
+    if first is not None and last is not None:
+        text += f": loss {first:.4g} → {last:.4g}"
+    trained = section.get("trained_parameters")
+    if isinstance(trained, int):
+        text += f", {trained:,} adapter parameters merged into the factors"
+    seconds = _number(section.get("time_s"))
+    if seconds is not None:
+        text += f", {seconds:.1f} s"
+    return text
+
+
+def loss_curve(losses: Any, points: int = 10) -> list[tuple[int, float]]:
+    """(step, loss) at about `points` evenly spaced steps, the first and last included."""
+    values = [float(x) for x in losses if _number(x) is not None] if isinstance(losses, list) else []
+    if not values:
+        return []
+    steps = sorted({round(i * (len(values) - 1) / max(1, points - 1)) for i in range(points)})
+    return [(i + 1, values[i]) for i in steps]
+
+
+def _recovery_lines(section: Mapping[str, Any] | None) -> list[str]:
+    text = recovery_text(section)
+    if text is None:
+        return []
+    lines = [f"- recovery: {text}"]
+    curve = loss_curve(section.get("losses"))
+    if len(curve) > 2:
+        lines.append("  - loss by step: " + ", ".join(f"{step}: {loss:.4g}" for step, loss in curve))
+    return lines + [f"  - {_num(n)}" for n in section.get("notes") or []]
+
+
 def _percent(ratio: float | None) -> str:
     return "—" if ratio is None else f"{100 * ratio:.2f}%"
 
@@ -133,7 +178,8 @@ def render_report_md(report: Report | Mapping[str, Any]) -> str:
               f"- calibration: {_num(calibration.windows)} × {_num(calibration.seq_len)} tokens",
               f"- removed: {_percent(p.ratio_targeted)} of targeted parameters "
               f"(requested {_percent(p.ratio_requested)}), {_percent(p.ratio_model)} of the whole model",
-              *_whitening_lines(r.whitening), *_compensation_lines(r.compensation)]
+              *_whitening_lines(r.whitening), *_compensation_lines(r.compensation),
+              *_recovery_lines(r.recovery)]
     if r.notes:  # a report from a hand edit or a damaged file: say what could not be shown
         lines += ["- left out of this report (unreadable in report.json): " + "; ".join(_num(n) for n in r.notes)]
     lines += ["", "## Metrics", ""]

@@ -17,6 +17,8 @@ import torch
 from workbench.environment import check_environment
 from workbench.errors import RunFailed, WorkbenchError
 from workbench.events import CancelToken, EventBus
+from workbench.engine.distributed import current as current_processes
+from workbench.run.distributed import agree_on_interrupts, on_leader, shared_work_dir
 from workbench.run.stages import RunContext, Stage, default_stages, run_stages
 from workbench.storage.checkpoint import WorkDir
 from workbench.storage.outputs import check_target
@@ -32,14 +34,25 @@ def run(profile, *, output_dir: str | Path | None = None, force: bool = False, e
     existing checkpoint unless `force` (which starts over); True continues it; "auto" (the app)
     continues it when it belongs to this profile and model, else starts over. `preflight` checks
     disk and memory before the long work (workbench/run/preflight.py). `stages` replaces
-    `workbench.run.stages.default_stages()` (e.g. with one more stage).
+    `workbench.run.stages.default_stages()` (e.g. with one more stage). A profile with a `[sweep]`
+    runs every cell on one calibration (workbench/run/sweep.py) and returns sweep.json's content.
     """
+    if stages is None and getattr(profile, "sweep", None) is not None:
+        from workbench.run.sweep import run_sweep
+
+        return run_sweep(profile, output_dir=output_dir, force=force, events=events, cancel=cancel, registry=registry,
+                         resume=resume, preflight=preflight)
     from workbench.sources.text import check_text_sources
     check_environment()
     check_text_sources(profile)  # a bad text file costs seconds, not the model load and the dense metrics
     target = Path(output_dir if output_dir is not None else profile.output.dir)
-    check_target(target, force)  # before the work directory is made beside it
-    work = WorkDir.acquire(target)
+    processes = current_processes()
+    if processes is None:
+        check_target(target, force)  # before the work directory is made beside it
+        work = WorkDir.acquire(target)
+    else:  # a torchrun job (workbench/run/distributed.py): process 0 owns the output and the work directory
+        cancel = agree_on_interrupts(processes, cancel or CancelToken())
+        work = shared_work_dir(processes, target, force)
     try:
         report = _run(profile, work, target, force=force, events=events, cancel=cancel, registry=registry,
                       resume=resume, preflight=preflight, stages=stages)
@@ -65,10 +78,14 @@ def _run(profile, work: WorkDir, target: Path, *, force: bool, events: EventBus 
     work.prepare(profile, resume, force, ctx.events)
     try:
         run_stages(ctx, default_stages() if stages is None else stages)
-        ctx.cancel.check()
-        ctx.output()  # a run whose stages wrote nothing still publishes its profile.toml
-        ctx.staged.publish()
-        work.finish()
+        ctx.cancel.sync()
+
+        def publish() -> None:
+            ctx.output()  # a run whose stages wrote nothing still publishes its profile.toml
+            ctx.staged.publish()
+            work.finish()
+
+        on_leader(publish)  # under torchrun process 0 publishes and the others learn how that went
     except BaseException:
         if ctx.staged is not None:
             ctx.staged.discard()  # interrupted or failed before publishing: leave the target as it was

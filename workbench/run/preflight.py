@@ -5,7 +5,8 @@
 - The disk holds the compressed model and the checkpoints.
 - The calibration fits in memory, by the estimate of `docs/scaling.md`, on top of the model that
   is already loaded: calibration inputs, the Grams alive at once, the factors kept until
-  allocation, and the largest transient.
+  allocation, and the largest transient (workbench/run/plan.py, shared with `workbench plan`). When
+  it does not fit, the message names the least offload setting that would.
 
 They are estimates: `workbench run --skip-preflight` runs anyway. `free_disk` and `free_memory`
 are plain functions so that tests can put figures in their place.
@@ -14,91 +15,60 @@ are plain functions so that tests can put figures in their place.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import psutil
 import torch
 
-from workbench.api import break_even_rank
 from workbench.errors import UsageError
 from workbench.render.numbers import format_bytes as human
-
-# Tokenizer, config and manifest files saved beside the weights: a few MiB for every model we know.
-MODEL_EXTRAS = 20 << 20
-
-
-@dataclass(frozen=True)
-class Shapes:
-    """What the estimates need to know about a run."""
-
-    params: int  # P, parameters of the loaded model (tied ones once)
-    dtype_bytes: int  # b
-    hidden: int  # d
-    head_dim: int
-    groups: Sequence[tuple[str, int, int, int]]  # per group: (input group, n layers, in, out)
-    windows: int  # N
-    seq_len: int  # S
-    ratio: float
-    batch: int = 8  # the engine's calibration batch
-    compensate: bool = False  # the compensate stage runs ([compression] sequential / update)
+from workbench.run import plan
+# The estimate itself lives in plan.py, shared with `workbench plan`; re-exported for existing callers.
+from workbench.run.plan import MODEL_EXTRAS, Estimate, Machine, Shapes, choose_offload, estimate  # noqa: F401
 
 
-@dataclass(frozen=True)
-class Estimate:
-    inputs: int  # calibration hidden states (+ rotary tables)
-    grams: int  # float64 Grams alive at once
-    factors: int  # float32 factors kept until allocation
-    transient: int  # the larger of factoring the largest group and one layer's forward over a batch
-    model_file: int  # the saved compressed model
-    checkpoint: int  # the work directory at its fullest
-    compensation: int = 0  # the compensate stage's second stream and one layer's dense inputs; 0 when off
+def shapes_of(model: torch.nn.Module, plans: Sequence, profile, params: int, adapter=None,
+              signals: Sequence[str] = ()) -> Shapes:
+    """The run's shapes from a model (loaded, or built on the meta device from its config alone).
 
-    @property
-    def memory(self) -> int:
-        """Memory the run adds on top of the loaded model, at its peak (end of calibration).
-
-        The compensate stage's extra stream is added on top (it comes after calibration, so this
-        over-counts a little, which is the safe side)."""
-        return self.inputs + self.grams + self.factors + self.transient + self.compensation
-
-
-def estimate(s: Shapes) -> Estimate:
-    """docs/scaling.md's terms for one run: peak ≈ b·P + b·T·d + 8·Σ n·in² + 4·P_t + transient."""
-    b, tokens = s.dtype_bytes, s.windows * s.seq_len
-    hidden_states = b * tokens * s.hidden
-    inputs = hidden_states + 2 * b * tokens * s.head_dim
-    widest: dict[str, tuple[int, int]] = {}  # input group -> (longest group, in): its Grams alive at once
-    for name, n, fan_in, _ in s.groups:
-        widest[name] = max(widest.get(name, (0, 0)), (n, fan_in))
-    grams = 8 * sum(n * fan_in ** 2 for n, fan_in in widest.values())
-    factors = 4 * sum(break_even_rank(i, o, n) * (i + n * o) for _, n, i, o in s.groups)
-    factoring = max(2 * 8 * i * i + 6 * 8 * n * o * i for _, n, i, o in s.groups)
-    rows, widest_in = min(s.batch, s.windows) * s.seq_len, max(i for _, _, i, _ in s.groups)
-    forward = 3 * b * rows * widest_in + 8 * rows * widest_in  # MLP activations + the Gram hook's float64 copy
-    targeted = sum(n * i * o for _, n, i, o in s.groups)
-    model_file = int(b * (s.params - s.ratio * targeted)) + MODEL_EXTRAS
-    # Factors + the Grams of pending groups + two layers' inputs (the new one is written before the old goes).
-    checkpoint = factors + grams + 2 * hidden_states
-    # Compensation: the compressed stream beside the dense one, plus one layer's dense inputs per input group.
-    compensation = 0
-    if s.compensate:
-        widths = {name: fan_in for name, _, fan_in, _ in s.groups}
-        compensation = hidden_states + b * tokens * sum(widths.values())
-    return Estimate(inputs, grams, factors, max(factoring, forward), model_file, checkpoint, compensation)
-
-
-def shapes_of(model: torch.nn.Module, plans: Sequence, profile, params: int) -> Shapes:
+    With `adapter`, also the largest decoder layer and the modules around the layers, which the
+    offload figures need; `signals`: what the allocator needs (the fisher signal has a cost of its own)."""
     config = model.config
     hidden = getattr(config, "hidden_size", None) or plans[0].in_features
     heads = getattr(config, "num_attention_heads", None)
     head_dim = getattr(config, "head_dim", None) or (hidden // heads if heads else 0)
+    whole = dict(layers=0, layer_params=0, edge_params=0)
+    if adapter is not None:
+        layers = adapter.decoder_layers(model)
+        edges = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+        whole = dict(layers=len(layers), layer_params=max(_count(layer) for layer in layers),
+                     edge_params=max((_count(m) for m in edges), default=0))
     return Shapes(params, next(model.parameters()).element_size(), hidden, head_dim,
                   [(p.site.input_group, len(p.layers), p.in_features, p.out_features) for p in plans],
                   profile.calibration.samples, profile.calibration.seq_len, profile.compression.ratio,
                   compensate=bool(getattr(profile.compression, "sequential", False))
-                  or getattr(profile.compression, "update", "none") != "none")
+                  or getattr(profile.compression, "update", "none") != "none",
+                  vocab=int(getattr(config, "vocab_size", 0) or 0),
+                  intermediate=int(getattr(config, "intermediate_size", 0) or 0),
+                  fisher="fisher" in signals, eval_tokens=_evaluation_tokens(profile),
+                  mask_training="ara" in signals, **whole)
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def _evaluation_tokens(profile) -> int:
+    """The largest batch an evaluator forms logits for: windows × tokens (options it does not have count 1 and 0)."""
+    largest = 0
+    for entry in getattr(profile, "evaluate", ()):
+        options = entry.options
+        length = options.get("seq_len") or (options.get("prompt_len", 0) or 0) + (options.get("new_tokens", 0) or 0)
+        batch = options.get("batch_size") or 1
+        if isinstance(length, int) and isinstance(batch, int):
+            largest = max(largest, batch * length)
+    return largest
 
 
 def free_disk(location: Path) -> int:
@@ -115,15 +85,22 @@ def free_memory(device: torch.device) -> int:
 
 
 def check(est: Estimate, location: Path, device: torch.device, save_model: bool, already_on_disk: int = 0,
-          disk: Callable[[Path], int] | None = None, memory: Callable[[torch.device], int] | None = None) -> str:
+          disk: Callable[[Path], int] | None = None, memory: Callable[[torch.device], int] | None = None,
+          shapes: Shapes | None = None, offload: str = "none") -> str:
     """Raise UsageError (exit 2) with the figures when the run will not fit; else a one-line summary.
 
     `already_on_disk`: bytes of a checkpoint being resumed, which the free space no longer counts.
+    `shapes` (with the whole model's figures, `shapes_of(..., adapter=...)`): when the run does not
+    fit, the message names the least offload setting that does (workbench/run/plan.py's figures).
+    `offload` "cpu" or "disk": the model is not on the device, so the plan's figures for that mode
+    are checked instead of the model-on-the-device estimate.
     """
     disk_free = (disk or free_disk)(location)
     mem_free = (memory or free_memory)(device)
     model_bytes = est.model_file if save_model else 0
     disk_needed = model_bytes + max(0, est.checkpoint - already_on_disk)
+    if offload == "disk" and shapes is not None and plan.DISK_SPILLS_FACTORS:
+        disk_needed += est.factors  # spilled into the work directory
     problems = []
     if disk_needed > disk_free:
         written = f", less {human(already_on_disk)} already written" if already_on_disk else ""
@@ -131,7 +108,11 @@ def check(est: Estimate, location: Path, device: torch.device, save_model: bool,
             f"not enough free disk space at {location}: the run needs about {human(disk_needed)} "
             f"(compressed model {human(model_bytes)}, checkpoints {human(est.checkpoint)}{written}) and "
             f"{human(disk_free)} is free. Free some space, or set [output] dir (or --output) to a larger disk")
-    if est.memory > mem_free:
+    if offload in ("cpu", "disk") and shapes is not None:
+        problems += _offload_problems(shapes, est, offload, device, mem_free, memory)
+        needed = plan.setting(shapes, offload, 1, est).phases["calibration"].device
+    elif est.memory > mem_free:
+        needed = est.memory
         problems.append(
             f"the calibration may not fit in {device.type} memory: it needs about {human(est.memory)} on top "
             f"of the loaded model (calibration inputs {human(est.inputs)}, Grams {human(est.grams)}, factors "
@@ -139,8 +120,84 @@ def check(est: Estimate, location: Path, device: torch.device, save_model: bool,
             f"{f', compensation stream {human(est.compensation)}' if est.compensation else ''}; see "
             f"docs/scaling.md) and {human(mem_free)} is available. The inputs shrink with calibration.samples "
             f"× calibration.seq_len; the factors grow with the targeted weights (compression.targets), so a "
-            f"model this size may need a machine with more memory")
+            f"model this size may need a machine with more memory" + _offload_hint(shapes, device, mem_free,
+                                                                                     disk_free, memory))
+    else:
+        needed = est.memory
+    training = plan.mask_training_bytes(shapes) if shapes is not None else 0
+    if training and est.factors + training > mem_free:
+        problems.append(
+            f"the ara signal's mask training may not fit in {device.type} memory: it needs about "
+            f"{human(est.factors + training)} on top of the loaded model (factors {human(est.factors)}, one "
+            f"window's backward pass, masks and optimizer state {human(training)}) and {human(mem_free)} is "
+            f"available. It grows with calibration.seq_len; another allocator needs none of it")
+    if training:
+        needed = max(needed, est.factors + training)
     if problems:
         raise UsageError("preflight: " + "\n  ".join(problems) + "\n  (workbench run --skip-preflight runs anyway)")
-    return (f"preflight: needs about {human(est.memory)} of {human(mem_free)} available {device.type} memory "
+    return (f"preflight: needs about {human(needed)} of {human(mem_free)} available {device.type} memory "
             f"and {human(disk_needed)} of {human(disk_free)} free disk")
+
+
+def _offload_hint(shapes: Shapes | None, device: torch.device, mem_free: int, disk_free: int,
+                  memory: Callable[[torch.device], int] | None) -> str:
+    """'; set [model] offload = "disk" …' when an offload mode fits this machine, else ''."""
+    if shapes is None or not shapes.layer_params:
+        return ""
+    loaded = shapes.dtype_bytes * shapes.params  # the model, loaded where it runs: freed under offload
+    running = plan.HOST_BASE  # this process already runs: the plan's host figures count it
+    if device.type == "cuda":
+        host = (memory or free_memory)(torch.device("cpu")) + running
+        machine = Machine(host=host, disk=disk_free, gpus=(mem_free + loaded,))
+    else:
+        machine = Machine(host=mem_free + loaded + running, disk=disk_free)
+    fits = choose_offload(shapes, machine)
+    if fits is None or fits.offload == "none":
+        return ". No offload setting fits this machine either (workbench plan PROFILE shows every setting)"
+    where = (f"{human(fits.device)} on the device and {human(fits.host)} of host memory" if device.type == "cuda"
+             else f"{human(fits.device + fits.host)} of memory")  # on a CPU the device is the host
+    return (f". With [model] offload = \"{fits.offload}\" it needs about {where}: set that (workbench plan "
+            f"PROFILE shows every setting)")
+
+
+def _offload_problems(shapes: Shapes, est: Estimate, offload: str, device: torch.device, mem_free: int,
+                      memory: Callable[[torch.device], int] | None) -> list[str]:
+    """The plan's figures for an offload mode against what is free; the weights already on the host count
+    as available under "cpu" (they are loaded there)."""
+    need = plan.setting(shapes, offload, 1, est).phases["calibration"]
+    # Already in use, so not in what is free: the weights under "cpu" (loaded there) and this process.
+    loaded = (shapes.dtype_bytes * shapes.params if offload == "cpu" else 0) + plan.HOST_BASE
+    if device.type == "cuda":
+        host_free = (memory or free_memory)(torch.device("cpu"))
+        device_need, host_need = need.device, need.host - loaded
+    else:  # the compute device is the host
+        host_free, device_need, host_need = mem_free, 0, need.host + need.device - loaded
+    problems = []
+    if device_need > mem_free:
+        problems.append(f"with offload = \"{offload}\" the calibration needs about {human(device_need)} of "
+                        f"{device.type} memory (one layer, one batch of inputs, Grams {human(est.grams)}, largest "
+                        f"transient {human(est.transient)}) and {human(mem_free)} is free; see workbench plan PROFILE")
+    if host_need > host_free:
+        problems.append(f"with offload = \"{offload}\" the calibration needs about {human(host_need)} more host "
+                        f"memory and {human(host_free)} is available; "
+                        + ("offload = \"disk\" keeps the weights off the host" if offload == "cpu"
+                           else "fewer calibration.samples × calibration.seq_len shrink the inputs"))
+    return problems
+
+
+def check_training(model: torch.nn.Module, plans: Sequence, recovery, device: torch.device,
+                   memory: Callable[[torch.device], int] | None = None) -> str:
+    """`[recovery]` training's memory (engine/recovery.training_memory) against what is free beside the
+    loaded model; UsageError (exit 2) when it does not fit, else a one-line summary."""
+    from workbench.engine.recovery import training_memory
+
+    targets = [(p.in_features, p.out_features) for p in plans for _ in p.layers]
+    need = training_memory(model.config, targets, recovery, next(model.parameters()).element_size())
+    free = (memory or free_memory)(device)
+    if need > free:
+        raise UsageError(
+            f"preflight: the LoRA recovery may not fit in {device.type} memory: it needs about {human(need)} on "
+            f"top of the loaded model (activations of {recovery.batch_size} × {recovery.seq_len} tokens kept for "
+            f"the backward pass, the adapters and their AdamW state) and {human(free)} is available. Lower "
+            f"recovery.batch_size or recovery.seq_len\n  (workbench run --skip-preflight runs anyway)")
+    return f"preflight: LoRA recovery needs about {human(need)} of {human(free)} available {device.type} memory"

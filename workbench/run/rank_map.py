@@ -26,10 +26,20 @@ def allocator_options(profile, allocator) -> dict[str, Any]:
     return options
 
 
+def default_allocators(profile, registry) -> list[str]:
+    """Every installed allocator, less those that train toward the target (a signal with
+    `depends_on_target`, e.g. `ara`: minutes to hours) unless the profile chose it."""
+    def trains(name: str) -> bool:
+        return any(getattr(registry.signals.get(s), "depends_on_target", False)
+                   for s in registry.allocators[name].needs)
+
+    return [n for n in sorted(registry.allocators) if n == profile.compression.allocator or not trains(n)]
+
+
 def rank_map(profile, registry, allocators: Sequence[str] | None = None, ratio: float | None = None,
              events: EventBus | None = None, cancel: CancelToken | None = None) -> dict[str, Any]:
     """{"ratio", "budget", "allocators", "rows": [per group: type, layers, shape, R_eff, ranks per allocator]}."""
-    names = list(allocators) if allocators else sorted(registry.allocators)
+    names = list(allocators) if allocators else default_allocators(profile, registry)
     chosen = [registry.get("allocator", n) for n in names]
     ctx = RunContext(profile, registry, events or EventBus(), cancel or CancelToken(), ratio=ratio,
                      signal_names=tuple(dict.fromkeys(s for a in chosen for s in a.needs)))

@@ -62,6 +62,8 @@ class RunContext:
     compressed_results: list[dict[str, Any]] = field(default_factory=list)
     dense_weights: Any = None  # {(layer, site path): host copy}, kept by Assemble for the compensate stage
     compensation: dict[str, Any] | None = None  # the compensate stage's report section
+    recovery: dict[str, Any] | None = None  # the recover stage's report section ([recovery] method = "lora")
+    offload: Any = None  # workbench.engine.offload.OffloadedLayers under [model] offload; None: all on the device
     report: dict[str, Any] = field(default_factory=dict)
     staged: Any = None  # workbench.storage.outputs.StagedOutput, made on first use by `output()`
 
@@ -136,7 +138,7 @@ def run_stages(ctx: RunContext, stages: Sequence[Stage]) -> None:
         if stage.timed:
             ctx.timings[stage.name] = ctx.timings.get(stage.name, 0.0) + time.perf_counter() - start
             ctx.events.emit("stage_end", stage.name, f"{ctx.timings[stage.name]:.1f} s")
-        ctx.cancel.check()
+        ctx.cancel.sync()  # every process of a torchrun job passes here: where all agree to stop
 
 
 def compress_seconds(ctx: RunContext) -> float:
@@ -161,11 +163,13 @@ class Load(Stage):
 
         profile = ctx.profile
         loaded = ctx.loaded = load_model(profile.model.source, profile.model.dtype, profile.model.device,
-                                         events=ctx.events)
+                                         events=ctx.events, offload=getattr(profile.model, "offload", "none"))
         ctx.model, ctx.tokenizer = loaded.model, loaded.tokenizer
         kind = GPU_ALLOCATED if loaded.device.type == "cuda" else HOST_RSS  # labelled by what is measured
         ctx.events.track_memory(lambda: current_memory(loaded.device), kind)
         ctx.adapter = ctx.registry.adapter_for(ctx.model)
+        if loaded.offload is not None:
+            _attach_offload(ctx)
         ctx.plans = plan_groups(ctx.model, ctx.adapter, profile.compression.targets, profile.compression.ignore,
                                 profile.compression.group_size)
         check_fits_model(profile, ctx.model, ctx.adapter, ctx.plans, ctx.events, ctx.ratio)
@@ -173,9 +177,44 @@ class Load(Stage):
         if ctx.work is not None:
             ctx.work.check_model(loaded.fingerprint, loaded.device.type)
         if ctx.preflight:
-            needs = estimate(shapes_of(ctx.model, ctx.plans, profile, ctx.params_model_dense))
-            ctx.events.log("load", preflight_check(needs, ctx.target, loaded.device, profile.output.save_model,
-                                                   already_on_disk=ctx.work.disk_usage() if ctx.work else 0))
+            shapes = shapes_of(ctx.model, ctx.plans, profile, ctx.params_model_dense, ctx.adapter,
+                               ctx.needed_signals())
+            ctx.events.log("load", preflight_check(estimate(shapes), ctx.target, loaded.device,
+                                                   profile.output.save_model,
+                                                   already_on_disk=ctx.work.disk_usage() if ctx.work else 0,
+                                                   shapes=shapes, offload=_resolved_offload(loaded)))
+            if profile.recovery.method != "none":  # training comes after calibration: checked on its own
+                from workbench.run.preflight import check_training
+
+                ctx.events.log("load", check_training(ctx.model, ctx.plans, profile.recovery, loaded.device))
+
+
+def _resolved_offload(loaded) -> str:
+    """"none", "cpu" or "disk": what the load chose ("auto" resolved), as preflight's estimate needs it."""
+    return loaded.offload[0].mode if loaded.offload is not None else "none"
+
+
+def _attach_offload(ctx: RunContext) -> None:
+    """Under offload: the skeleton's non-layer weights onto the device, each layer's home set
+    (workbench/engine/offload.py); what cannot run layer by layer is refused now, before the long work."""
+    from workbench.engine.offload import attach
+    from workbench.errors import UsageError
+
+    devices, weights = ctx.loaded.offload
+    ctx.offload = attach(ctx.model, ctx.adapter, devices, weights)
+    where = f"offload = \"{devices.mode}\""
+    if Compensate.enabled(ctx.profile):
+        raise UsageError(f"[compression] sequential / update run a second walk that {where} does not support yet; "
+                         f"set them off, or model.offload = \"none\"")
+    if getattr(getattr(ctx.profile, "recovery", None), "method", "none") != "none":
+        raise UsageError(f"[recovery] trains the whole model at once, which {where} does not support; "
+                         f"set [recovery] method = \"none\", or model.offload = \"none\"")
+    if ctx.needed_signals() and not devices.layers_on_compute:
+        free = sorted(name for name, a in ctx.registry.allocators.items() if not getattr(a, "needs", ()))
+        instead = f"compression.allocator = \"{free[0]}\"" + (f" (or {', '.join(free[1:])})" if free[1:] else "")
+        raise UsageError(f"allocator '{ctx.allocator.name}' needs the signal(s) {', '.join(ctx.needed_signals())}, "
+                         f"a backward pass through the whole model, which {where} cannot hold on {devices.compute}; "
+                         f"use {instead}, which needs no signal, or model.offload = \"none\"")
 
 
 def _as_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -188,6 +227,9 @@ def _as_json(row: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_all(ctx: RunContext, label: str, cache=None) -> list[dict[str, Any]]:
     """Run every [[evaluate]] entry; a failing evaluator is recorded, the others still run."""
+    from workbench.engine.offload import dispatched
+    from workbench.run.distributed import evaluate as distributed_evaluate, on_leader
+
     profile, loaded, events = ctx.profile, ctx.loaded, ctx.events
     results = []
     for entry in profile.evaluate:
@@ -196,7 +238,7 @@ def evaluate_all(ctx: RunContext, label: str, cache=None) -> list[dict[str, Any]
         key = (loaded.fingerprint, evaluator.name, evaluator.version, entry.options, loaded.device.type,
                profile.model.dtype)
         if cache is not None and evaluator.cacheable:
-            hit = cache.get(*key)
+            hit = on_leader(lambda: cache.get(*key))  # under torchrun: process 0's cache decides for all
             if hit is not None:
                 events.log(f"evaluate {label}", f"{evaluator.name}: cached dense result {hit['value']:.4g}")
                 results.append({**hit, "cached": True})
@@ -204,7 +246,9 @@ def evaluate_all(ctx: RunContext, label: str, cache=None) -> list[dict[str, Any]
         eval_ctx = EvalContext(device=loaded.device, events=events, cancel=ctx.cancel, seed=profile.calibration.seed,
                                label=label)
         try:
-            result = evaluator.evaluate(ctx.model, ctx.tokenizer, entry.options, eval_ctx)
+            with dispatched(ctx.offload):  # under offload each layer comes to the device for its forward
+                result = distributed_evaluate(evaluator, lambda: evaluator.evaluate(ctx.model, ctx.tokenizer,
+                                                                                    entry.options, eval_ctx))
             row = _as_json({"dataset": result.dataset, "metric": result.metric, "value": float(result.value),
                             "details": result.details})
         except (Interrupted, KeyboardInterrupt):
@@ -214,7 +258,7 @@ def evaluate_all(ctx: RunContext, label: str, cache=None) -> list[dict[str, Any]
             results.append({"error": f"{type(exc).__name__}: {exc}"})
             continue
         if cache is not None and evaluator.cacheable:
-            cache.put(row, *key)
+            on_leader(lambda: cache.put(row, *key))
         results.append(row)
     return results
 
@@ -265,9 +309,31 @@ class Calibrate(Stage):
         if ctx.work is not None:
             ctx.work.check_windows(ctx.windows)
         ctx.gram_precision = resolve_gram_precision(ctx.profile.compression.gram_precision, ctx.loaded.device)
-        ctx.calibrated = calibrate(ctx.model, ctx.adapter, ctx.plans, ctx.windows, ctx.loaded.device, ctx.events,
+        from workbench.run.distributed import share_calibration
+
+        windows, walk = share_calibration(ctx, _offload_walk(ctx))  # under torchrun: this process's share
+        ctx.calibrated = calibrate(ctx.model, ctx.adapter, ctx.plans, windows, ctx.loaded.device, ctx.events,
                                    ctx.cancel, whitening=ctx.profile.compression.whitening, checkpoint=ctx.work,
-                                   gram_precision=ctx.gram_precision)
+                                   gram_precision=ctx.gram_precision, **walk)
+
+
+def _offload_walk(ctx: RunContext) -> dict[str, Any]:
+    """calibrate()'s arguments under offload: layers to the device one at a time, inputs and factors on the host."""
+    if ctx.offload is None:
+        return {}
+    from workbench.engine import offload
+    from workbench.engine.walk import GramStatistics
+
+    walk = {"strategies": offload.strategies(ctx.offload, ctx.plans, GramStatistics(ctx.gram_precision)),
+            "factors_home": offload.HOST}
+    if ctx.offload.devices.home == "disk" and ctx.work is not None:
+        import shutil
+
+        from workbench.storage.checkpoint import SPILL
+
+        shutil.rmtree(ctx.work.path / SPILL, ignore_errors=True)  # an interrupted run's: the checkpoint has them
+        walk["factor_spill"] = offload.FactorSpill(ctx.work.path / SPILL)
+    return walk
 
 
 class Signals(Stage):
@@ -292,16 +358,24 @@ class Signals(Stage):
 
     def run(self, ctx):
         from workbench.api import SignalContext
+        from workbench.engine.allocation import budget_for
+        from workbench.engine.offload import all_resident
         from workbench.engine.sensitivity import compute_signal, put_signals
+        from workbench.storage.checkpoint import ProgressStore
 
+        ratio = ctx.profile.compression.ratio if ctx.ratio is None else ctx.ratio
         for name, options in self._options(ctx).items():
             if name in ctx.signals:
                 continue  # restored from the checkpoint with the same options
-            ctx.signals[name] = compute_signal(
-                ctx.registry.get("signal", name), ctx.registry.describe("signal", name),
-                SignalContext(model=ctx.model, adapter=ctx.adapter, plans=ctx.plans, factors=ctx.calibrated.factors,
-                              windows=ctx.windows, device=ctx.loaded.device, events=ctx.events, cancel=ctx.cancel,
-                              options=options, stage=self.name))
+            with all_resident(ctx.offload):  # under offload only where that costs nothing (Load refused the rest)
+                ctx.signals[name] = compute_signal(
+                    ctx.registry.get("signal", name), ctx.registry.describe("signal", name),
+                    SignalContext(model=ctx.model, adapter=ctx.adapter, plans=ctx.plans, factors=ctx.calibrated.factors,
+                                  windows=ctx.windows, device=ctx.loaded.device, events=ctx.events,
+                                  cancel=ctx.cancel, options=options, stage=self.name, ratio=ratio,
+                                  budget=budget_for(ctx.calibrated.spectra, ratio),
+                                  checkpoint=None if ctx.work is None else ProgressStore(ctx.work,
+                                                                                         f"signal-{name}-progress")))
         put_signals(ctx.calibrated.spectra, ctx.signals)
 
     def restore(self, ctx, work):
@@ -354,8 +428,15 @@ class Allocate(Stage):
 
         allocator = ctx.allocator
         ctx.budget = budget_for(ctx.calibrated.spectra, ctx.profile.compression.ratio)
-        ctx.ranks = allocate(allocator, ctx.registry.describe("allocator", allocator.name), ctx.calibrated.spectra,
-                             ctx.budget, ctx.profile.compression.allocator_options)
+        from workbench.run.distributed import on_leader
+
+        ctx.ranks = on_leader(lambda: allocate(allocator, ctx.registry.describe("allocator", allocator.name),
+                                               ctx.calibrated.spectra, ctx.budget,
+                                               ctx.profile.compression.allocator_options))  # once, in process 0
+
+
+# Under offload: the compressed decoder layers, one file each, in the staging directory until the end.
+OFFLOAD_LAYERS = ".offload-layers"
 
 
 class Assemble(Stage):
@@ -371,8 +452,20 @@ class Assemble(Stage):
             from workbench.engine.compensate import dense_weights
 
             ctx.dense_weights = dense_weights(ctx.model, ctx.adapter, ctx.plans)
-        ctx.table = assemble(ctx.model, ctx.adapter, ctx.plans, cal.factors, ctx.ranks, cal.spectra)
-        cal.factors = {}  # what assembly did not use (groups kept dense) is not needed any more
+        if ctx.offload is not None:  # layer by layer; each finished layer written to the staging directory
+            from workbench.engine.offload import assemble_offloaded
+
+            ctx.table = assemble_offloaded(ctx.offload, ctx.model, ctx.adapter, ctx.plans, cal.factors, ctx.ranks,
+                                           cal.spectra, ctx.output() / OFFLOAD_LAYERS, ctx.cancel.check)
+        else:
+            ctx.table = assemble(ctx.model, ctx.adapter, ctx.plans, cal.factors, ctx.ranks, cal.spectra)
+        cal.factors = {}
+        if ctx.offload is not None and ctx.work is not None:  # the spilled factors (offload "disk")
+            import shutil
+
+            from workbench.storage.checkpoint import SPILL
+
+            shutil.rmtree(ctx.work.path / SPILL, ignore_errors=True)  # what assembly did not use (groups kept dense) is not needed any more
         targeted_dense = sum(s.dense_params for s in cal.spectra)
         targeted_kept = sum(row["params"] for row in ctx.table)
         params_model = count_parameters(ctx.model)
@@ -424,6 +517,36 @@ class Compensate(Stage):
             ctx.events.log(self.name, note)
 
 
+class Recover(Stage):
+    """`[recovery] method = "lora"`: LoRA on the low-rank factors with peft, merged back (engine/recovery.py).
+
+    Checkpointed inside the training (every `checkpoint_every` steps), so a resumed run goes on from there."""
+
+    name = "recover"
+    compress = True
+
+    def wanted(self, ctx):
+        return ctx.profile.recovery.method != "none"
+
+    def message(self, ctx):
+        r = ctx.profile.recovery
+        return f"LoRA rank {r.rank} on {'+'.join(r.targets)}, {r.steps} steps of {r.batch_size} × {r.seq_len} tokens"
+
+    def run(self, ctx):
+        from workbench.engine.recovery import recover
+
+        ctx.recovery = recover(ctx.model, ctx.tokenizer, ctx.profile.recovery, ctx.loaded.device, ctx.events,
+                               ctx.cancel.check, ctx.work)
+        resumed = ctx.recovery["resumed_at_step"]
+        if resumed is not None and ctx.work is not None:
+            ctx.work.resumed.append(f"recovery training (step {resumed})")
+        first, last = ctx.recovery["loss_first"], ctx.recovery["loss_last"]
+        if first is not None:
+            ctx.events.log(self.name, f"training loss {first:.4f} → {last:.4f}; adapters merged into the factors")
+        for note in ctx.recovery["notes"]:
+            ctx.events.log(self.name, note)
+
+
 class Save(Stage):
     name = "save"
 
@@ -436,7 +559,10 @@ class Save(Stage):
     def run(self, ctx):
         from workbench.storage.saving import save_compressed
 
-        save_compressed(ctx.model, ctx.tokenizer, ctx.output() / "model", ctx.table, adapter=ctx.adapter)
+        from workbench.run.distributed import on_leader
+
+        on_leader(lambda: save_compressed(ctx.model, ctx.tokenizer, ctx.output() / "model", ctx.table,
+                                          adapter=ctx.adapter, offloaded=ctx.offload))  # process 0 writes
 
 
 class EvaluateCompressed(Stage):
@@ -444,6 +570,10 @@ class EvaluateCompressed(Stage):
 
     def run(self, ctx):
         ctx.compressed_results = evaluate_all(ctx, "compressed")
+        if ctx.offload is not None:  # the compressed layers' homes; the output has its own shards
+            import shutil
+
+            shutil.rmtree(ctx.output() / OFFLOAD_LAYERS, ignore_errors=True)
 
 
 def pair_metrics(profile, dense: list[dict], compressed: list[dict]) -> list[dict[str, Any]]:
@@ -466,6 +596,11 @@ class Report(Stage):
     timed = False
 
     def run(self, ctx):
+        from workbench.run.distributed import on_leader
+
+        ctx.report = on_leader(lambda: self._write(ctx))  # under torchrun: process 0 writes, all get the report
+
+    def _write(self, ctx):
         from workbench.render.report_md import render_report_md
         from workbench.report import build_report
         from workbench.run.resources import peak_memory
@@ -496,16 +631,22 @@ class Report(Stage):
         }
         if ctx.compensation is not None:
             report["compensation"] = {**ctx.compensation, "time_s": timings.get(Compensate.name)}
+        if ctx.recovery is not None:
+            report["recovery"] = {**ctx.recovery, "time_s": timings.get(Recover.name)}
         if ctx.work is not None and ctx.work.resumed:  # timings then cover only this run's part
             report["resumed_from_checkpoint"] = ctx.work.resumed
+        from workbench.engine.distributed import current as job
+
+        if job() is not None:  # a torchrun job: the processes that shared the calibration windows
+            report["calibration"]["processes"] = job().world
         report = build_report(**report).to_dict()  # report.json's schema (workbench/report.py), `format` first
         out = ctx.output()
         (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (out / "report.md").write_text(render_report_md(report))
-        ctx.report = report
+        return report
 
 
 def default_stages() -> list[Stage]:
     """A run, in order. rank_map (`workbench inspect`) runs the first ones it needs of the same objects."""
-    return [Load(), EvaluateDense(), Calibrate(), Signals(), Allocate(), Assemble(), Compensate(), Save(), EvaluateCompressed(),
+    return [Load(), EvaluateDense(), Calibrate(), Signals(), Allocate(), Assemble(), Compensate(), Recover(), Save(), EvaluateCompressed(),
             Report()]

@@ -61,7 +61,11 @@ class LoadedModel:
     tokenizer: Any
     source: str
     fingerprint: str  # identifies the weights (and dtype); keys the dense metrics cache
-    device: torch.device
+    device: torch.device  # the compute device
+    # Under offload (`[model] offload` resolved to "cpu" or "disk"): the decoder layers are on the meta
+    # device and this holds (Devices, lazy {name: tensor} over the safetensors shards) for
+    # workbench.engine.offload.attach; None: the whole model is on `device`.
+    offload: Any = None
 
 
 def cache_dir() -> Path:
@@ -105,11 +109,21 @@ def resolve_dtype(dtype: str) -> torch.dtype:
         ) from None
 
 
-def load_model(source: str, dtype: str = "float32", device: str = "auto", events=None) -> LoadedModel:
-    """Load model and tokenizer from any supported source, in eval mode, on the resolved device."""
+def load_model(source: str, dtype: str = "float32", device: str = "auto", events=None,
+               offload: str = "none") -> LoadedModel:
+    """Load model and tokenizer from any supported source, in eval mode, on the resolved device.
+
+    `offload` ("none", "cpu", "disk" or "auto"; docs/scaling.md, "Offload"): other than "none", the
+    model is built on the meta device from its safetensors files (`_load_skeleton`), and `offload`
+    of the result says where its decoder layers' weights live.
+    """
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     log = _logger(events)
+    if offload != "none":
+        skeleton = _load_skeleton(source, dtype, torch_dtype, dev, offload, log, events)
+        if skeleton is not None:
+            return skeleton
 
     if source in EMBEDDED or source in MULTI_HEAD_COPIES:
         base = MULTI_HEAD_COPIES.get(source, source)
@@ -140,6 +154,83 @@ def load_model(source: str, dtype: str = "float32", device: str = "auto", events
     fingerprint = _fingerprint(source, dtype, model.config, identity)
     log(f"model ready on {dev} ({dtype})")
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, fingerprint=fingerprint, device=dev)
+
+
+# --- offload: the skeleton on the meta device -----------------------------------------------------
+
+
+def _safetensors_folder(source: str, log, events) -> tuple[Path | None, list]:
+    """(the folder holding the source's safetensors weights, its identity as `load_model` keys it),
+    or (None, []) when the weights are not safetensors on disk (a multi-head copy, .bin files)."""
+    from workbench.engine.offload import shard_files
+
+    if source in MULTI_HEAD_COPIES:
+        return None, []
+    if source in EMBEDDED:
+        gguf = _embedded_gguf(source)
+        return _gguf_checkpoint(gguf, EMBEDDED[source][1], log, events), [gguf.name, gguf.stat().st_size]
+    if source.startswith("embedded:"):
+        return None, []  # load_model names the allowed ones
+    path = Path(source).expanduser()
+    if path.exists():
+        path = path.resolve()
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            _check_gguf(path)
+            st = path.stat()
+            key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+            folder = _gguf_checkpoint(path, f"{_slug(path.stem)}-{key}", log, events)
+            return folder, [str(path), st.st_size, st.st_mtime_ns]
+        if not path.is_dir() or not (path / "config.json").exists():
+            return None, []  # the ordinary loader says what is wrong
+        check_model_files(path)
+        return (path if shard_files(path) else None), [str(path), *_weight_files(path)]
+    if _looks_like_hub_id(source):
+        _refuse_hub_remote_code(source)
+        snapshot = _hub_snapshot(source)
+        if snapshot:
+            from huggingface_hub import try_to_load_from_cache
+
+            folder = Path(try_to_load_from_cache(source, "config.json")).parent
+            return (folder if shard_files(folder) else None), [source, *snapshot]
+    return None, []
+
+
+def _load_skeleton(source: str, dtype: str, torch_dtype: torch.dtype, dev: torch.device, offload: str, log,
+                   events) -> LoadedModel | None:
+    """The model built on the meta device (accelerate's init_empty_weights), its weights left in its
+    safetensors files to be read lazily; None when offload resolves to "none" (load as usual)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from workbench.engine.offload import Devices, SafetensorsWeights, choose_offload, shard_files
+
+    folder, identity = _safetensors_folder(source, log, events)
+    if folder is None:
+        if offload == "auto":
+            return None
+        raise UsageError(f"model.offload = \"{offload}\" reads the weights layer by layer from safetensors files, and "
+                         f"'{source}' has none (a model built in memory, or .bin weights); use offload = \"none\"")
+    weights = SafetensorsWeights(shard_files(folder))
+    size = torch.finfo(torch_dtype).bits // 8
+    weights_bytes = weights.numel() * size
+    mode = choose_offload(offload, weights_bytes, dev)
+    if mode == "none":
+        log(f"offload: none (the weights, {weights_bytes / 2**30:.2f} GiB, fit {dev})")
+        return None
+    refuse_remote_code(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        with _quiet_transformers(), init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise RunFailed(f"model.source: could not load the model in '{folder}': {err}") from err
+    model.eval()
+    fingerprint = _fingerprint(source, dtype, model.config, identity)
+    log(f"offload: {mode} (decoder layers' weights {'in host memory' if mode == 'cpu' else 'read from ' + str(folder)}, "
+        f"each layer computed on {dev})")
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, fingerprint=fingerprint, device=dev,
+                       offload=(Devices(dev, mode), weights))
 
 
 # --- sources -------------------------------------------------------------------------------------

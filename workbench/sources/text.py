@@ -164,6 +164,9 @@ def check_text_sources(profile) -> None:
     as using it). Raises UsageError naming the setting and the file."""
     named = [("calibration.dataset", profile.calibration.dataset)]
     named += [(f"evaluate[{i}].dataset", e.options.get("dataset")) for i, e in enumerate(profile.evaluate)]
+    recovery = getattr(profile, "recovery", None)
+    if recovery is not None and recovery.method != "none":
+        named.append(("recovery.dataset", recovery.dataset))
     for key, dataset in named:
         if not isinstance(dataset, str) or dataset in HF_DATASETS:
             continue

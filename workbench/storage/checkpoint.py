@@ -67,6 +67,9 @@ FORMAT = 3
 STATE = "state.json"
 LOCK = "lock"
 MARKER = ".workbench-work"  # written first into a work directory workbench makes: it is ours
+# Under offload "disk", the factors kept for allocation wait here (workbench/engine/offload.py,
+# FactorSpill): not part of the checkpoint, kept across commits, removed with the work directory.
+SPILL = "offload-factors"
 # The names this module writes (besides STATE, LOCK, MARKER): nothing else is ever deleted.
 _CHECKPOINT_FILE = re.compile(r"(?:(?:factors|gram|stage)-[A-Za-z0-9_.-]*-[0-9a-f]{8}|hidden-\d+|signals)\.safetensors")
 _TEMP_FILE = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp")  # durable_files.write_atomically's temp names
@@ -90,13 +93,22 @@ def result_fields(profile) -> dict[str, Any]:
     """The profile's fields that change what a run computes, as dotted keys, plus the version.
 
     Evaluation and output settings are left out: they do not change the compression (dense metrics
-    are reused only for the same `[[evaluate]]` tables). The device is compared once resolved.
+    are reused only for the same `[[evaluate]]` tables). The device is compared once resolved;
+    the offload mode changes where weights wait, not the numbers, so a run resumes under another.
     """
     fields: dict[str, Any] = {"workbench version": __version__}
     for section in ("model", "calibration", "compression"):
         for key, value in dataclasses.asdict(getattr(profile, section)).items():
-            if (section, key) != ("model", "device"):
+            if (section, key) not in (("model", "device"), ("model", "offload")):  # where, not what
                 fields[f"{section}.{key}"] = value
+    if profile.compression.gram_precision == "auto":
+        from workbench.engine.calibration import AUTO_RULE
+
+        fields["compression.gram_precision auto rule"] = AUTO_RULE
+    from workbench.engine.distributed import current
+
+    if current() is not None:  # a torchrun job: the shares of the windows, and the sums' rounding, depend on it
+        fields["processes (torchrun)"] = current().world
     return plain(fields)
 
 
@@ -197,6 +209,8 @@ class WorkDir:
         name = entry.name
         if entry.is_symlink():
             return False
+        if entry.is_dir() and name == SPILL:
+            return True
         if entry.is_dir():  # the run's staging directory (outputs.StagedOutput, made with mkdtemp)
             target = self.path.name[:-len(".work")] if self.path.name.endswith(".work") else ""
             return re.fullmatch(rf"\.{re.escape(target) if target else '.+'}\.partial-[A-Za-z0-9_]+", name) is not None
@@ -380,11 +394,12 @@ class WorkDir:
         if cal.get("hidden"):
             names.add(cal["hidden"])
         names.update(entry["file"] for entry in state.get("stages", {}).values() if entry.get("file"))
+        names.update(entry["folder"] for entry in state.get("stages", {}).values() if entry.get("folder"))
         return names
 
     def _remove_unreferenced(self) -> None:
         """Delete the files workbench wrote here that the checkpoint no longer names (only those)."""
-        keep = self._referenced(self.state) | {STATE, LOCK, MARKER}
+        keep = self._referenced(self.state) | {STATE, LOCK, MARKER, SPILL}
         for entry in self.path.iterdir():
             if entry.name not in keep and self._ours(entry):
                 self._delete(entry)
@@ -406,14 +421,17 @@ class WorkDir:
         return 1 + max((e.get("seq", 0) for e in entries), default=0)
 
     def save_stage(self, name: str, meta: Any, tensors: dict[str, torch.Tensor] | None = None,
-                   label: str | None = None) -> None:
-        """Commit stage `name`'s result: JSON-able `meta` and, optionally, tensors (one file)."""
+                   label: str | None = None, folder: Path | None = None) -> None:
+        """Commit stage `name`'s result: JSON-able `meta` and, optionally, tensors (one file) and a
+        `folder` of finished output this checkpoint keeps (a sweep's staging directory, made in here)."""
         previous = self.state.get("stages", {}).get(name, {})
         file = None
         if tensors:
             file = _file_name("stage", name)
             save_tensors(self.path / file, tensors)
         entry = {"label": label or name, "meta": plain(meta), "file": file, "seq": previous.get("seq") or self._seq()}
+        if folder is not None:
+            entry["folder"] = Path(folder).name
         self._commit(stages={**self.state.get("stages", {}), name: entry})
 
     def load_stage(self, name: str, device: torch.device | str = "cpu") -> tuple[Any, dict[str, torch.Tensor]] | None:
@@ -447,9 +465,13 @@ class WorkDir:
         self._since_commit = time.monotonic()
         return CalibrationState(cal["next_layer"], hidden, grams, factors, cal["whitening"], cal["tokens"])
 
+    def calibration_due(self, final: bool) -> bool:
+        """Whether `save_calibration` would write now (a torchrun job gathers the inputs only then)."""
+        return final or time.monotonic() - self._since_commit >= COMMIT_SPACING * self._commit_cost
+
     def save_calibration(self, state: CalibrationState, final: bool, layers: int | None = None) -> None:
         """Commit the calibration state after a layer; between layers only as often as COMMIT_SPACING allows."""
-        if not final and time.monotonic() - self._since_commit < COMMIT_SPACING * self._commit_cost:
+        if not self.calibration_due(final):
             return
         started = time.monotonic()
         previous = self.state.get("calibration") or {}
@@ -477,3 +499,21 @@ class WorkDir:
                                   "hidden": hidden, "seq": previous.get("seq") or self._seq()})
         self._since_commit = time.monotonic()
         self._commit_cost = self._since_commit - started
+
+
+class ProgressStore:
+    """Progress of a long stage inside the work directory (`SignalContext.checkpoint`): the last save wins.
+
+    Each save rewrites one tensor file and then commits `state.json`, so an interrupted save leaves
+    either the previous save or this one; keep anything that must match the tensors (a step count)
+    in the tensors themselves, since the file can be newer than the meta beside it.
+    """
+
+    def __init__(self, work: "WorkDir", name: str):
+        self.work, self.name = work, name
+
+    def save(self, meta: Any, tensors: dict[str, torch.Tensor]) -> None:
+        self.work.save_stage(self.name, meta, tensors)
+
+    def load(self) -> tuple[Any, dict[str, torch.Tensor]] | None:
+        return self.work.load_stage(self.name)

@@ -11,6 +11,7 @@ from textual.binding import Binding
 
 from workbench.errors import Interrupted, ProfileError, WorkbenchError
 from workbench.events import CancelToken, EventBus
+from workbench.run.live_memory import MemorySampler
 from workbench.tui.messages import RunEvent, RunFinished, ThrottledForwarder
 from workbench.tui.run_state import RunJob, RunProgress, describe_result
 from workbench.tui.screens.dialogs import ConfirmDialog
@@ -155,8 +156,9 @@ class WorkbenchApp(App):
         bus.subscribe(ThrottledForwarder(self.post_message, job.id))
         try:
             # "auto": a run cancelled earlier goes on from its checkpoint, unless the profile changed since.
-            report = self._pipeline(job.profile, output_dir=job.output_dir, force=job.force, events=bus,
-                                    cancel=cancel, registry=self.registry, resume="auto")
+            with MemorySampler(bus):  # host RSS and CUDA memory on the run screen, once a second
+                report = self._pipeline(job.profile, output_dir=job.output_dir, force=job.force, events=bus,
+                                        cancel=cancel, registry=self.registry, resume="auto")
             result = RunFinished(job.id, "done", report)
         except Interrupted as exc:
             again = "; run it again to go on from its checkpoint" if exc.checkpoint is not None else ""

@@ -71,6 +71,57 @@ def scan_runs(folder: Path) -> list[RunSummary]:
     return runs
 
 
+@dataclass(frozen=True)
+class SweepSummary:
+    """A sweep's output (its sweep.json, workbench/run/sweep.py): one entry of the results list."""
+
+    path: Path
+    data: dict
+
+    @property
+    def cells(self) -> list[dict]:
+        return [c for c in self.data.get("cells", []) if isinstance(c, dict)]
+
+    @property
+    def profile(self) -> str:
+        return str(self.data.get("profile_name") or self.path.name)
+
+    @property
+    def ratio(self) -> str:
+        return f"sweep: {len(self.cells)} cells"
+
+    @property
+    def allocator(self) -> str:
+        return ", ".join(dict.fromkeys(str(c.get("label", c.get("allocator", "?"))) for c in self.cells)) or "?"
+
+    @property
+    def perplexity(self) -> str:
+        return "open to see"
+
+    @property
+    def other_metrics(self) -> str:
+        failed = self.data.get("failed") or []
+        return f"{len(failed)} failed" if failed else "–"
+
+    @property
+    def time(self) -> str:
+        return format_seconds(self.data.get("timings", {}).get("total_s"))
+
+
+def scan_sweeps(folder: Path) -> list[SweepSummary]:
+    """Sweep outputs (a sweep.json) in `folder`; unreadable ones are skipped, like unreadable reports."""
+    from workbench.errors import UsageError
+    from workbench.run.sweep import load_sweep
+
+    sweeps = []
+    for file in sorted(folder.glob("*/sweep.json")) if folder.is_dir() else []:
+        try:
+            sweeps.append(SweepSummary(file.parent, load_sweep(file.parent)))
+        except UsageError:
+            continue
+    return sweeps
+
+
 def _label(m: Metric) -> tuple[str, str, str]:
     return str(m.evaluator), str(m.dataset), str(m.metric)
 

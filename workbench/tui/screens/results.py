@@ -8,7 +8,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from workbench.render.literal import literal
-from workbench.tui.runs_index import RunSummary, scan_runs
+from workbench.tui.runs_index import RunSummary, SweepSummary, scan_runs, scan_sweeps
 
 COLUMNS = ("✓", "profile", "ratio", "allocator", "perplexity", "other metrics", "time", "directory")
 
@@ -23,7 +23,7 @@ class ResultsScreen(Screen):
 
     def __init__(self) -> None:
         super().__init__()
-        self.runs: list[RunSummary] = []
+        self.runs: list[RunSummary | SweepSummary] = []  # a sweep is one entry; enter opens its table and chart
         self.marked: set[str] = set()
 
     def compose(self) -> ComposeResult:
@@ -46,7 +46,7 @@ class ResultsScreen(Screen):
     def reload(self) -> None:
         table = self.query_one(DataTable)
         row = table.cursor_row
-        self.runs = scan_runs(self.app.runs_dir)
+        self.runs = sorted([*scan_runs(self.app.runs_dir), *scan_sweeps(self.app.runs_dir)], key=lambda r: r.path.name)
         self.marked &= {str(r.path) for r in self.runs}
         table.clear()
         for r in self.runs:
@@ -64,7 +64,7 @@ class ResultsScreen(Screen):
         self.query_one("#results-title", Static).update(literal(text))
 
     @property
-    def selected(self) -> RunSummary | None:
+    def selected(self) -> RunSummary | SweepSummary | None:
         table = self.query_one(DataTable)
         if not self.runs or not 0 <= table.cursor_row < len(self.runs):
             return None
@@ -73,6 +73,9 @@ class ResultsScreen(Screen):
     def action_mark(self) -> None:
         run = self.selected
         if run is None:
+            return
+        if isinstance(run, SweepSummary):
+            self.notify("a sweep compares its own cells: press enter to open it")
             return
         key = str(run.path)
         self.marked ^= {key}
@@ -93,7 +96,11 @@ class ResultsScreen(Screen):
         self.action_details()
 
     def action_details(self) -> None:
-        if self.selected:
+        if isinstance(self.selected, SweepSummary):
+            from workbench.tui.screens.sweep import SweepScreen
+
+            self.app.push_screen(SweepScreen(self.selected))
+        elif self.selected:
             from workbench.tui.screens.run_detail import RunDetailScreen
 
             self.app.push_screen(RunDetailScreen(self.selected))

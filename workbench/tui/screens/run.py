@@ -1,4 +1,5 @@
-"""The run screen: the running job's stage, layer i/N with a bar and ETA, memory, queue and log.
+"""The run screen: the running job's stage, layer i/N with a bar and ETA, memory, the training loss
+of a [recovery] stage, queue and log.
 
 It renders the app's RunProgress; the app pushes updates here, so a run goes on (and is shown up
 to date) whichever screen is in front.
@@ -38,6 +39,9 @@ class RunScreen(Screen):
         with Horizontal(id="run-memory-row"):
             yield Static("memory n/a", id="run-memory")
             yield Sparkline([], id="run-memory-chart")
+        with Horizontal(id="run-loss-row"):  # shown while a [recovery] training reports its loss
+            yield Static("", id="run-loss")
+            yield Sparkline([], id="run-loss-chart")
         yield Static("", id="run-queue")
         yield RichLog(id="run-log", wrap=True, markup=False, max_lines=2000)
         yield Footer(compact=True)
@@ -74,6 +78,10 @@ class RunScreen(Screen):
         self._render_counter(progress)
         self.query_one("#run-memory", Static).update(literal(progress.memory_text()))
         self.query_one("#run-memory-chart", Sparkline).data = list(progress.memory_history)
+        self.query_one("#run-loss-row").display = bool(progress.losses)
+        if progress.losses:
+            self.query_one("#run-loss", Static).update(literal(progress.loss_text()))
+            self.query_one("#run-loss-chart", Sparkline).data = progress.losses[-240:]
 
     def _render_counter(self, progress: RunProgress) -> None:
         bar = self.query_one("#run-bar", ProgressBar)
