@@ -42,12 +42,7 @@ def save_compressed(model: nn.Module, tokenizer: Any, directory: Path, groups: l
     if offloaded is not None:
         _save_offloaded(model, tokenizer, directory, groups, adapter, offloaded)
         return
-    directory.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    (directory / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
+    _write_config_and_tokenizer(model, tokenizer, directory)
     state = model.state_dict()
     manifest_groups = []
     for entry in groups:
@@ -109,16 +104,21 @@ def disk_names(state: dict[str, torch.Tensor], groups: list[dict[str, Any]]
     return state, tied
 
 
-def _save_offloaded(model: nn.Module, tokenizer: Any, directory: Path, groups: list[dict[str, Any]],
-                    adapter: Adapter | None, offloaded: Any) -> None:
-    from workbench.engine.offload import save_offloaded
-
+def _write_config_and_tokenizer(model: nn.Module, tokenizer: Any, directory: Path) -> None:
+    """config.json (without a GGUF quantization config, which would make transformers refuse it) and the tokenizer."""
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     (directory / "config.json").write_text(json.dumps(config, indent=2, default=str))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
+
+
+def _save_offloaded(model: nn.Module, tokenizer: Any, directory: Path, groups: list[dict[str, Any]],
+                    adapter: Adapter | None, offloaded: Any) -> None:
+    from workbench.engine.offload import save_offloaded
+
+    _write_config_and_tokenizer(model, tokenizer, directory)
     tied = save_offloaded(offloaded, model, directory, lambda part: disk_names(part, groups))
     manifest_groups = [{"group": e["group"], "modules": e["modules"], "rank": e["rank"], "in": e["in"],
                         "out": e["out"]} for e in groups if not e["dense"]]
