@@ -13,7 +13,6 @@ from rich.table import Table
 from rich.text import Text
 
 from workbench.render.numbers import format_bytes
-from workbench.run import plan
 from workbench.run.plan import MODES, Machine, Setting, fisher_activations, verdict
 from workbench.run.plan import settings as plan_settings
 
@@ -99,11 +98,6 @@ def plan_view(planned, settings: Sequence[Setting], machine: Machine, allocator:
         else:
             parts.append(Text("nothing fits this machine: fewer calibration.samples × seq_len shrink the inputs; the "
                               "Grams and the transient depend only on the widths", style="yellow"))
-        disk = next((s for s in settings if (s.offload, s.processes) == ("disk", 1)), None)
-        if not plan.DISK_SPILLS_FACTORS and disk is not None and disk.host > machine.host:
-            parts.append(Text(f"under offload = \"disk\" the factors kept until allocation ({format_bytes(est.factors)}) "
-                              "stay in host memory: spilling them to the work directory is not built yet",
-                              style="yellow"))
     if shapes.fisher and chosen is not None and "fisher" in chosen.phases and \
             chosen.phases["fisher"].device >= chosen.phases["calibration"].device:
         parts.append(Text("the fisher signal's pass sets this device figure; an allocator that needs no signal "

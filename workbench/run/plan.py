@@ -15,7 +15,7 @@ Where each term lives, as the code keeps it (docs/scaling.md works the figures o
 - Grams, float64, 8·Σ n·in² for the inputs alive at once: on the compute device, in every process
   (and under offload once more on the host, where the checkpoint copies them).
 - factors kept until allocation, float32, at most 4·P_t: on the device under "none", on the host
-  under offload (under "disk" spilled to the work directory once `DISK_SPILLS_FACTORS`). With N
+  under offload (under "disk" spilled to the work directory). With N
   processes the groups are factored round-robin and gathered: every process holds them all.
 - the largest transient (factoring the widest group, or one layer's forward over a batch).
 - the fisher signal (when the allocator needs it): a forward and backward pass over one window,
@@ -43,9 +43,6 @@ MODEL_EXTRAS = 20 << 20
 # Python with torch and transformers imported: 0.4 GiB measured on a CPU (docs/scaling.md); CUDA's
 # libraries add about as much again. Counted once per process on the host.
 HOST_BASE = 1 << 30
-# Under offload "disk" the factors kept for allocation are spilled to the work directory
-# (workbench/engine/offload.py), so the plan counts them on disk, not in host memory.
-DISK_SPILLS_FACTORS = True
 # Several processes (torchrun) run with offload "none" only, for now (docs/scaling.md, "Several
 # processes"); `verdict` says so for the other modes. Set True when they combine.
 OFFLOAD_UNDER_TORCHRUN = False
@@ -193,9 +190,8 @@ def setting(s: Shapes, offload: str, processes: int = 1, est: Estimate | None = 
         calibration = Need(one_layer + batch_io + est.grams + est.transient,
                            base + p * (weights + est.factors + est.grams) + on_host)
     else:
-        kept = 0 if DISK_SPILLS_FACTORS else est.factors
-        calibration = Need(one_layer + batch_io + est.grams + est.transient,
-                           base + p * (one_layer + est.grams + kept) + on_host)
+        calibration = Need(one_layer + batch_io + est.grams + est.transient,  # factors spilled to disk
+                           base + p * (one_layer + est.grams) + on_host)
     phases = {"calibration": calibration}
     activations = fisher_activations(s)
     if activations:
@@ -211,7 +207,7 @@ def setting(s: Shapes, offload: str, processes: int = 1, est: Estimate | None = 
         held = weights if offload == "none" else one_layer
         host = base + {"none": 0, "cpu": p * weights, "disk": p * one_layer}[offload]
         phases["evaluation"] = Need(held + logits, host)
-    disk = est.model_file + est.checkpoint + (est.factors if offload == "disk" and DISK_SPILLS_FACTORS else 0)
+    disk = est.model_file + est.checkpoint + (est.factors if offload == "disk" else 0)
     whole_model = tuple(name for name, needed in (("fisher", s.fisher), ("compensation", s.compensate)) if needed)
     return Setting(offload, p, phases, disk, est, whole_model)
 

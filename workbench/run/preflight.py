@@ -99,7 +99,7 @@ def check(est: Estimate, location: Path, device: torch.device, save_model: bool,
     mem_free = (memory or free_memory)(device)
     model_bytes = est.model_file if save_model else 0
     disk_needed = model_bytes + max(0, est.checkpoint - already_on_disk)
-    if offload == "disk" and shapes is not None and plan.DISK_SPILLS_FACTORS:
+    if offload == "disk" and shapes is not None:
         disk_needed += est.factors  # spilled into the work directory
     problems = []
     if disk_needed > disk_free:
