@@ -214,7 +214,10 @@ def main() -> None:
                 row = {"key": f"{name}|{ratio}|{base}", "allocator": name, "ratio": ratio, "variant": base,
                        "ratio_targeted": round(1 - total_cost(cal.spectra, ranks) / dense_params, 4),
                        "compensate_s": section["time_s"] if section else None,
-                       "objective": ([section["objective_before"], section["objective_after"]] if section else None)}
+                       "objective": ([section["objective_before"], section["objective_after"]] if section else None),
+                       "held_out": ([section.get("held_out_before"), section.get("held_out_after")]
+                                    if section else None),
+                       "holdout": section.get("holdout") if section else None}
                 row["perplexity"] = ppl(model)
                 row["seconds"] = round(time.perf_counter() - start, 1)
                 if base in todo and row["key"] not in done:

@@ -88,3 +88,35 @@ def test_reduced_rank_fit_beats_every_other_rank_k_matrix_tried():
         dq = 1e-3 * torch.randn(q.shape, generator=g, dtype=torch.float64)
         dp = 1e-3 * torch.randn(p.shape, generator=g, dtype=torch.float64)
         assert output_error(w, q + dq, p + dp, gram, cross, gram_hat) >= best * (1 - 1e-12)
+
+
+def test_update_shrunk_toward_an_anchor_equals_the_augmented_least_squares_problem():
+    x, x_hat, w, p, q0 = _problem(8, n=30)
+    gram, cross, gram_hat = _stats(x, x_hat)
+    result = update_coefficients(w, p, gram, cross, gram_hat, ridge=0.3, anchor=q0)
+    z = x_hat @ p.mT
+    lam = 0.3 * float((p @ gram_hat @ p.mT).diagonal().mean())
+    a = torch.cat([z, lam ** 0.5 * torch.eye(z.shape[1], dtype=z.dtype)])
+    b = torch.cat([x @ w.mT, lam ** 0.5 * q0.mT])  # ‖Z·Qᵀ − XWᵀ‖² + λ‖Q − Q₀‖²
+    reference = torch.linalg.lstsq(a, b).solution.mT
+    assert torch.allclose(result.coef, reference, rtol=1e-8, atol=1e-10)
+    far = update_coefficients(w, p, gram, cross, gram_hat, ridge=1e12, anchor=q0)
+    assert torch.allclose(far.coef, q0, rtol=0, atol=1e-6)  # a huge λ gives the anchor back
+
+
+@pytest.mark.parametrize("ridge", [1e-3, 0.5])
+def test_reduced_rank_fit_shrunk_toward_an_anchor_is_the_rank_k_regression_on_augmented_rows(ridge):
+    x, x_hat, w, p0, q0 = _problem(9, n=40)
+    gram, cross, gram_hat = _stats(x, x_hat)
+    anchor = q0 @ p0
+    q, p = reduced_rank_fit(w, gram_hat, cross, rank=6, ridge=ridge, anchor=anchor)
+    # Reference by another route: rows √λ·I / √λ·M₀ᵀ appended, then reduced-rank regression the textbook
+    # way — the full least-squares B, projected on the top-k right singular vectors of the fitted X̃·B.
+    lam = ridge * float(gram_hat.diagonal().mean())
+    eye = torch.eye(x.shape[1], dtype=x.dtype)
+    design = torch.cat([x_hat, lam ** 0.5 * eye])
+    target = torch.cat([x @ w.mT, lam ** 0.5 * anchor.mT])
+    full = torch.linalg.lstsq(design, target).solution  # in×out
+    v = torch.linalg.svd(design @ full, full_matrices=False).Vh[:6].mT  # out×k
+    reference = (full @ v @ v.mT).mT
+    assert torch.allclose(q @ p, reference, rtol=1e-7, atol=1e-9)

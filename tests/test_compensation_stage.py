@@ -71,6 +71,7 @@ def _objective(dense, compressed, adapter, plans, ids) -> float:
 
 
 def _run(compressed, adapter, plans, table, weights, ids, **kw):
+    kw.setdefault("holdout", 0.0)  # the exact fits on all windows; the held-out choice has its own tests
     return compensate(compressed, adapter, plans, table, weights, ids, CPU, CancelToken().check, **kw)
 
 
@@ -247,3 +248,83 @@ def test_the_compensation_section_round_trips_through_the_report_schema():
     assert written["compensation"] == section
     assert load_report(written).compensation == section
     assert "compensation" not in build_report().to_dict()  # absent when the stage did not run
+
+
+def test_held_out_windows_are_spread_evenly_and_never_empty_a_side():
+    from workbench.engine.compensate import held_out_windows
+
+    assert held_out_windows(8, 0.25) == [False, False, False, True] * 2
+    assert held_out_windows(4, 0.5) == [False, True, False, True]
+    assert held_out_windows(3, 0.25) == [False] * 3  # every 4th of 3: none, so nothing is held out
+    assert held_out_windows(8, 0.0) == [False] * 8
+
+
+def _site(seed: int = 0, d_in: int = 12, d_out: int = 8, k: int = 3, n: int = 60):
+    """One low-rank module with random factors, its dense weight and token matrices for two window sets."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(seed)
+    module = LowRankLinear(d_in, d_out, k, dtype=torch.float64)
+    with torch.no_grad():
+        module.basis.weight.copy_(torch.randn(k, d_in, generator=g, dtype=torch.float64))
+        module.coef.weight.copy_(torch.randn(d_out, k, generator=g, dtype=torch.float64))
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    x = [torch.randn(n, d_in, generator=g, dtype=torch.float64) for _ in range(2)]
+    x_hat = [a + 0.5 * torch.randn(n, d_in, generator=g, dtype=torch.float64) for a in x]
+    return SimpleNamespace(key="q_proj@0", layers=[0]), module, w, x, x_hat
+
+
+def _stat(x, x_hat):
+    return {"gram": x.mT @ x, "cross": x.mT @ x_hat, "gram_hat": x_hat.mT @ x_hat}
+
+
+def test_a_change_that_hurts_the_held_out_windows_is_not_taken():
+    from workbench.engine.compensate import _update_site
+
+    plan, module, w, x, x_hat = _site()
+    # Make the current Q exactly optimal for the held-out windows: any other Q is worse there.
+    held = _stat(x[1], x_hat[1])
+    p = module.basis.weight.detach().clone()
+    z = x_hat[1] @ p.mT
+    with torch.no_grad():
+        module.coef.weight.copy_(torch.linalg.lstsq(z, x[1] @ w.mT).solution.mT)
+    q_before = module.coef.weight.detach().clone()
+    entry = _update_site(plan, 0, module, w, {"fit": _stat(x[0], x_hat[0]), "held": held}, False, "closed-form",
+                         1e-6, 0.0)
+    assert entry["updated"] is False and "ridge" not in entry
+    assert torch.equal(module.coef.weight, q_before)
+    assert entry["held_out_after"] == entry["held_out_before"]
+    # Judged on the windows it was fit on (no holdout), the same update is taken: it lowers that objective.
+    both = {n: _stat(x[0], x_hat[0])[n] + held[n] for n in held}
+    entry = _update_site(plan, 0, module, w, {"fit": both}, False, "closed-form", 1e-6, 0.0)
+    assert entry["updated"] is True and entry["objective_after"] < entry["objective_before"]
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_held_out_windows_like_the_fit_ones_choose_the_smallest_ridge_and_the_plain_fit(sequential):
+    """Held-out statistics equal to the fit ones: the fit error grows with λ, so the smallest λ wins,
+    and the refit on all windows (twice the statistics, a relative λ) equals the fit without holdout."""
+    from workbench.engine.compensate import _update_site
+
+    plan, module, w, x, x_hat = _site(1)
+    stats = _stat(x[0], x_hat[0])
+    plain = copy.deepcopy(module)
+    reference = _update_site(plan, 0, plain, w, {"fit": stats}, sequential, "closed-form", 1e-6, 0.0)
+    entry = _update_site(plan, 0, module, w, {"fit": stats, "held": stats}, sequential, "closed-form", 1e-6, 0.0)
+    assert entry["updated"] and entry["ridge"] == 1e-6
+    assert entry.get("refactor_ridge") == reference.get("refactor_ridge")
+    assert torch.allclose(module.weight, plain.weight, rtol=1e-9, atol=1e-12)
+    assert entry["objective_after"] == pytest.approx(2 * reference["objective_after"], rel=1e-9)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_with_windows_held_out_the_stage_never_worsens_them_and_reports_the_real_objective(sequential):
+    dense, compressed, adapter, plans, table, weights, ids = _setup(1)
+    section = _run(compressed, adapter, plans, table, weights, ids, sequential=sequential, update="closed-form",
+                   holdout=0.25)
+    assert section["holdout"] == 0.25
+    assert all(s["held_out_after"] <= s["held_out_before"] for s in section["sites"])
+    assert section["held_out_after"] <= section["held_out_before"]
+    assert any(s.get("updated") or s.get("refactored") for s in section["sites"])
+    # what the modules hold now (refit on all windows) is what the section reports
+    assert section["objective_after"] == pytest.approx(_objective(dense, compressed, adapter, plans, ids), rel=1e-6)

@@ -232,6 +232,15 @@ def test_two_processes_give_the_ranks_and_numbers_of_one(job):
     assert not list(root.glob("two.work")) and (root / "two" / "model").is_dir()
 
 
+def test_process_0_shows_the_other_process_progress_and_memory(job):
+    """Only process 0 prints; process 1's events reach its output through the relay, named rank 1."""
+    _, _, two = job
+    events = [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")]
+    relayed = {e["kind"] for e in events if (e.get("data") or {}).get("rank") == 1}
+    assert "memory" in relayed, sorted({e["kind"] for e in events})
+    assert all((e.get("data") or {}).get("rank", 0) in (0, 1) for e in events)
+
+
 def test_sigterm_to_one_process_stops_every_process_with_130_and_resume_matches(job):
     root, profile, _ = job
     out = root / "stopped"

@@ -15,7 +15,7 @@ import tomlkit
 from workbench.events import Event, EventBus
 from workbench.api import Allocator, Option
 from workbench.registry import get_registry
-from workbench.profile.schema import load_profile
+from workbench.profile.schema import load_profile, parse_profile
 from workbench.tui import form_model
 from workbench.tui.profiles_store import create_profile, duplicate_profile, list_profiles, rename_profile
 from workbench.tui.run_state import RunJob, RunProgress
@@ -75,6 +75,27 @@ def test_form_edit_keeps_comments_and_reports_like_validate(tmp_path):
     assert form_model.problems(text, str(path), get_registry()) == cli_messages
     form_model.set_value(doc, ratio.key, form_model.parse_input("", ratio.option))  # cleared: the default
     assert "ratio =" not in tomlkit.dumps(doc)
+
+
+def test_the_form_edits_a_sweep_and_clearing_it_leaves_no_empty_table():
+    registry = get_registry()
+    doc = tomlkit.parse((ROOT / "profiles/quickstart.toml").read_text())
+    fields = {f.dotted: f for s in form_model.build_sections(doc, registry) for f in s.fields}
+    assert {"sweep.ratio", "sweep.allocator", "sweep.sequential", "sweep.update"} <= set(fields)
+    ratio, allocator = fields["sweep.ratio"], fields["sweep.allocator"]
+    form_model.set_value(doc, ratio.key, form_model.parse_input("[0.2, 0.4]", ratio.option))
+    typed = '["uniform", {name = "drank-rebalanced", beta = 0.5, label = "b05"}]'
+    form_model.set_value(doc, allocator.key, form_model.parse_input(typed, allocator.option))
+    text = tomlkit.dumps(doc)
+    assert form_model.problems(text, "p.toml", registry) == []
+    profile = parse_profile(text, "p.toml", registry)
+    assert [c.name for c in profile.sweep.cells()] == ["0.2-uniform", "0.2-b05", "0.4-uniform", "0.4-b05"]
+    form_model.set_value(doc, ratio.key, form_model.parse_input("[]", ratio.option))
+    assert any("sweep.ratio" in p for p in form_model.problems(tomlkit.dumps(doc), "p.toml", registry))
+    for field in (ratio, allocator):
+        form_model.set_value(doc, field.key, form_model.parse_input("", field.option))
+    text = tomlkit.dumps(doc)
+    assert "[sweep]" not in text and form_model.problems(text, "p.toml", registry) == []
 
 
 def test_typed_text_that_is_no_number_reaches_the_checker_as_text():

@@ -198,7 +198,8 @@ def run(
             try:
                 # Host RSS and each CUDA device's memory, once a second; a sample names its rank, so
                 # other ranks' samples forwarded onto process 0's bus get a line each (run/live_memory.py).
-                with MemorySampler(bus, rank=processes.rank if processes is not None else 0):
+                with MemorySampler(bus, rank=processes.rank if processes is not None else 0), \
+                        _rank_relay(bus, processes):
                     report = run_safely(profile, output_dir=output, force=force, events=bus, cancel=cancel,
                                         registry=registry, resume=resume, preflight=not skip_preflight)
             except KeyboardInterrupt as exc:
@@ -230,6 +231,22 @@ def run(
         raise exit_ from None
     finally:
         stop_processes()  # leave the torchrun job's process group, if this process joined one
+
+
+def _rank_relay(bus, processes):
+    """Under torchrun, the other processes' progress and memory shown by process 0 (run/rank_relay.py);
+    nothing when running alone, or when the job's store cannot be reached (said once, the run goes on)."""
+    if processes is None:
+        return contextlib.nullcontext()
+    from workbench.run.rank_relay import RankRelay, connect_store
+
+    try:
+        return RankRelay(bus, processes.rank, processes.world, connect_store())
+    except Exception as exc:  # noqa: BLE001 - a display aid: the run does not depend on it
+        if processes.leader:
+            err.print(f"warning: the other processes' progress cannot be shown ({type(exc).__name__}: {exc})",
+                      markup=False)
+        return contextlib.nullcontext()
 
 
 @app.command()

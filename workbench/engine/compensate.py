@@ -14,7 +14,13 @@ module fed by that input group:
   closed-form   Q = W·C·Pᵀ(P·Ĝ·Pᵀ + λI)⁻¹ (`compensation.update_coefficients`), per layer against
                 the group's P (shared or not).
 
-Each change is kept only when it lowers the site's calibration objective ‖X·Wᵀ − X̂·Pᵀ·Qᵀ‖²; the
+Both fits are shrunk toward the current factors (the whitened SVD): a ridge λ‖M − M₀‖², so a large λ
+gives the allocation's own factors back. With `holdout` > 0, a share of the calibration windows (spread
+evenly, every 1/holdout-th) is kept out of the fit: λ is picked from a grid by the objective
+‖X·Wᵀ − X̂·Pᵀ·Qᵀ‖² on those held-out windows, a change is kept only when it lowers that held-out
+objective, and the kept change is then refit on all windows with the chosen λ. This is what stops the
+update from fitting the calibration text where few tokens meet a wide input. With `holdout` = 0 the
+fit uses `ridge` and a change is kept when it lowers the objective on the windows it was fit on. The
 next input group then sees the updated stream. Ranks never change.
 
 Limitation (first step): a basis shared by n > 1 layers is not re-factored (its statistics only
@@ -40,6 +46,21 @@ UPDATES = ("none", "closed-form")
 DEFAULT_RIDGE = 1e-6
 # The floor the sequential re-factoring falls back to when Ĝ is singular and `ridge` is 0.
 SINGULAR_RIDGE = 1e-6
+# Share of the calibration windows held out to choose λ and to accept a change (0: none held out).
+DEFAULT_HOLDOUT = 0.25
+# The λ grid searched on the held-out windows, above `ridge` (relative, as `ridge` is). Steps of 100
+# keep the search to a few fits per site; at the top end the fit is close to the current factors.
+RIDGE_GRID = (1e-6, 1e-4, 1e-2, 1.0, 1e2)
+STATS = ("gram", "cross", "gram_hat")
+
+
+def held_out_windows(count: int, holdout: float) -> list[bool]:
+    """Which of `count` windows are held out: every 1/holdout-th, spread evenly; none when that leaves
+    either side empty."""
+    if holdout <= 0 or count < 2:
+        return [False] * count
+    held = [int((j + 1) * holdout) > int(j * holdout) for j in range(count)]
+    return held if 0 < sum(held) < count else [False] * count
 
 
 class _Stop(Exception):
@@ -88,7 +109,7 @@ def _run_until(layer: nn.Module, module: nn.Module, batches: list[LayerBatch], s
 def compensate(model: nn.Module, adapter: Any, plans: Sequence[GroupPlan], table: Sequence[dict[str, Any]],
                weights: dict[tuple[int, str], torch.Tensor], windows: torch.Tensor, device: torch.device,
                check: Callable[[], None], *, sequential: bool = False, update: str = "none",
-               ridge: float = DEFAULT_RIDGE, batch_size: int = 8,
+               ridge: float = DEFAULT_RIDGE, holdout: float = DEFAULT_HOLDOUT, batch_size: int = 8,
                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Walk the assembled `model` once more (module docstring); returns the report's `compensation` section."""
     if update not in UPDATES:
@@ -104,9 +125,21 @@ def compensate(model: nn.Module, adapter: Any, plans: Sequence[GroupPlan], table
         notes.append("sequential re-factoring applies to groups of one layer only; shared bases (n > 1) "
                      "kept their basis and got the per-layer update only")
     last = max((i for p in live for i in p.layers), default=-1)
+    split = False
     if last >= 0:
         hidden = capture_layer_inputs(model, layers[0], windows, batch_size, device, check)
         dense = [LayerBatch(b.hidden.clone(), b.kwargs) for b in hidden]  # same embeddings in both streams
+        held = held_out_windows(sum(b.hidden.shape[0] for b in hidden), holdout)
+        if holdout > 0 and not any(held):
+            notes.append(f"holdout {holdout} leaves no window on one side of {len(held)}: fit and accepted on all")
+        # per batch, which of its rows (window by window) are held out; None: the whole batch is fit
+        masks, first = [], 0
+        for b in hidden:
+            n, rows = b.hidden.shape[0], b.hidden.shape[0] * b.hidden.shape[1]
+            part = held[first:first + n]
+            masks.append(torch.tensor(part, device=device).repeat_interleave(rows // n) if any(part) else None)
+            first += n
+        split = any(held)
         for i in range(last + 1):
             check()
             layer = layers[i]
@@ -132,14 +165,19 @@ def compensate(model: nn.Module, adapter: Any, plans: Sequence[GroupPlan], table
             for g in [g for g in groups if g in watch]:
                 t0 = time.perf_counter()
                 width = xs[g][0].shape[1]
-                stats = {name: torch.zeros(width, width, dtype=torch.float64, device=device)
-                         for name in ("gram", "cross", "gram_hat")}
+                parts = ("fit", "held") if split else ("fit",)
+                stats = {part: {name: torch.zeros(width, width, dtype=torch.float64, device=device) for name in STATS}
+                         for part in parts}
 
                 def seen(b: int, x_hat: torch.Tensor, g=g, stats=stats) -> None:
                     x, xh = xs[g][b].double(), x_hat.double()
-                    stats["gram"].addmm_(x.mT, x)
-                    stats["cross"].addmm_(x.mT, xh)
-                    stats["gram_hat"].addmm_(xh.mT, xh)
+                    mask = masks[b]
+                    pieces = [("fit", x, xh)] if mask is None else [("fit", x[~mask], xh[~mask]),
+                                                                    ("held", x[mask], xh[mask])]
+                    for part, a, ah in pieces:
+                        stats[part]["gram"].addmm_(a.mT, a)
+                        stats[part]["cross"].addmm_(a.mT, ah)
+                        stats[part]["gram_hat"].addmm_(ah.mT, ah)
 
                 _run_until(layer, layer.get_submodule(watch[g]), hidden, seen, check)
                 xs[g] = []
@@ -147,52 +185,98 @@ def compensate(model: nn.Module, adapter: Any, plans: Sequence[GroupPlan], table
                 for plan in [p for p in here if p.site.input_group == g]:
                     sites.append(_update_site(plan, i, modules[plan.site.path], weights[(i, plan.site.path)], stats,
                                               sequential, update, ridge, share))
+                del stats
             run_layer(layer, hidden, check)  # the compressed stream moves on through the updated layer
             if progress:
                 progress(i, last)
         del hidden, dense
-    return {"sequential": sequential, "update": update, "ridge": ridge, "sites": sites, "notes": notes,
+    return {"sequential": sequential, "update": update, "ridge": ridge, "holdout": holdout if split else 0.0,
+            "sites": sites, "notes": notes,
             "objective_before": sum(s["objective_before"] for s in sites),
             "objective_after": sum(s["objective_after"] for s in sites),
+            **({"held_out_before": sum(s["held_out_before"] for s in sites),
+                "held_out_after": sum(s["held_out_after"] for s in sites)} if split else {}),
             "time_s": round(time.perf_counter() - start, 3)}
 
 
-def _update_site(plan: GroupPlan, i: int, module: LowRankLinear, weight: torch.Tensor, stats: dict[str, torch.Tensor],
-                 sequential: bool, update: str, ridge: float, shared_s: float) -> dict[str, Any]:
+def _choose(lams: Sequence[float], fit: Callable[[float], Any], score: Callable[[Any], float],
+            baseline: float) -> tuple[float, Any, float] | None:
+    """The λ of `lams` whose fit scores lowest, with that fit and score; None when no fit beats `baseline`."""
+    best = None
+    for lam in lams:
+        result = fit(lam)
+        if result is None:
+            continue
+        value = score(result)
+        if value < baseline and (best is None or value < best[2]):
+            best = (lam, result, value)
+    return best
+
+
+def _update_site(plan: GroupPlan, i: int, module: LowRankLinear, weight: torch.Tensor,
+                 stats: dict[str, dict[str, torch.Tensor]], sequential: bool, update: str, ridge: float,
+                 shared_s: float) -> dict[str, Any]:
+    """Re-factor and/or update one site from its statistics: `stats["fit"]` and, when windows were held
+    out, `stats["held"]` (module docstring). `objective_*` are on all windows; `held_out_*` (when held
+    out) on the held-out ones, `after` for the factors fit without them, the ones that were judged."""
     t0 = time.perf_counter()
-    g, c, gh = stats["gram"], stats["cross"], stats["gram_hat"]
-    w = weight.to(device=g.device, dtype=torch.float64)
-    p, q = module.basis.weight.detach().double(), module.coef.weight.detach().double()
-    before = output_error(w, q, p, g, c, gh)
-    entry: dict[str, Any] = {"group": plan.key, "layer": i, "rank": module.rank, "objective_before": before}
-    current = before
-    if sequential and len(plan.layers) == 1:
-        refit = float("inf")
-        # Ĝ is singular where an earlier low-rank module limits the stream (o_proj after a low-rank v_proj):
-        # without a ridge, the smallest one that makes it factor (the null space carries no output).
-        for lam in dict.fromkeys([ridge, max(ridge, SINGULAR_RIDGE)]):
+    held = stats.get("held")
+    fit = stats["fit"]
+    total = {n: fit[n] + held[n] for n in STATS} if held else fit
+    judge = held or total  # the statistics a change must improve on
+    w = weight.to(device=total["gram"].device, dtype=torch.float64)
+    p0, q0 = module.basis.weight.detach().double(), module.coef.weight.detach().double()
+
+    def error(q_: torch.Tensor, p_: torch.Tensor, on: dict[str, torch.Tensor]) -> float:
+        return output_error(w, q_, p_, on["gram"], on["cross"], on["gram_hat"])
+
+    def refit(lam: float, on: dict[str, torch.Tensor]):
+        # Ĝ is singular where an earlier low-rank module limits the stream (o_proj after a low-rank
+        # v_proj): without a ridge, the smallest one that makes it factor (the null space carries no output).
+        for tried in dict.fromkeys([lam, max(lam, SINGULAR_RIDGE)]):
             try:
-                q_new, p_new = reduced_rank_fit(w, gh, c, module.rank, ridge=lam)
+                return (*reduced_rank_fit(w, on["gram_hat"], on["cross"], module.rank, ridge=tried,
+                                          anchor=q0 @ p0), tried)
             except torch.linalg.LinAlgError as exc:
                 entry["refactor_skipped"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                continue
+        return None
+
+    def solve(lam: float, p_: torch.Tensor, q_: torch.Tensor, on: dict[str, torch.Tensor]) -> torch.Tensor:
+        return update_coefficients(w, p_, on["gram"], on["cross"], on["gram_hat"], ridge=lam, anchor=q_).coef
+
+    entry: dict[str, Any] = {"group": plan.key, "layer": i, "rank": module.rank,
+                             "objective_before": error(q0, p0, total)}
+    lams = list(dict.fromkeys([ridge] + [lam for lam in RIDGE_GRID if lam > ridge])) if held else [ridge]
+    # Choose on the fit windows, judged on `judge`: (q, p) follow the chain of accepted changes.
+    q, p = q0, p0
+    current = error(q, p, judge)
+    if held:
+        entry["held_out_before"] = current
+    refit_lam = update_lam = None
+    if sequential and len(plan.layers) == 1:
+        chosen = _choose(lams, lambda lam: refit(lam, fit), lambda f: error(f[0], f[1], judge), current)
+        entry["refactored"] = chosen is not None
+        if chosen is not None:
             entry.pop("refactor_skipped", None)
-            entry["refactor_ridge"] = lam
-            refit = output_error(w, q_new, p_new, g, c, gh)
-            break
-        entry["refactored"] = refit < current
-        if entry["refactored"]:
-            p, q, current = p_new, q_new, refit
-            with torch.no_grad():
-                module.basis.weight.copy_(p)
-                module.coef.weight.copy_(q)
+            refit_lam, (q, p, entry["refactor_ridge"]), current = chosen
     if update == "closed-form":
-        result = update_coefficients(w, p, g, c, gh, coef=q, ridge=ridge)
-        entry.update(ridge=result.ridge, updated=result.taken)
-        if result.taken:
-            current = result.objective_after
-            with torch.no_grad():
-                module.coef.weight.copy_(result.coef)
-    entry["objective_after"] = current
+        q_start = q
+        chosen = _choose(lams, lambda lam: solve(lam, p, q_start, fit), lambda c: error(c, p, judge), current)
+        entry["updated"] = chosen is not None
+        if chosen is not None:
+            update_lam, q, current = chosen
+            entry["ridge"] = update_lam
+    if held:  # the accepted steps again, on all windows with the chosen λ
+        entry["held_out_after"] = current
+        q, p = q0, p0
+        if refit_lam is not None:
+            q, p, entry["refactor_ridge"] = refit(refit_lam, total)
+        if update_lam is not None:
+            q = solve(update_lam, p, q, total)
+    if refit_lam is not None or update_lam is not None:
+        with torch.no_grad():
+            module.basis.weight.copy_(p)
+            module.coef.weight.copy_(q)
+    entry["objective_after"] = error(q, p, total)
     entry["time_s"] = round(shared_s + time.perf_counter() - t0, 4)
     return entry

@@ -46,16 +46,20 @@ def output_error(weight: torch.Tensor, coef: torch.Tensor, basis: torch.Tensor, 
 
 def update_coefficients(weight: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor,
                         gram_hat: torch.Tensor, coef: torch.Tensor | None = None,
-                        ridge: float = 1e-6) -> UpdateResult:
-    """Q = W·C·Pᵀ·(P·Ĝ·Pᵀ + λI)⁻¹ with λ = `ridge`·mean(diag(P·Ĝ·Pᵀ)); float64 throughout.
+                        ridge: float = 1e-6, anchor: torch.Tensor | None = None) -> UpdateResult:
+    """Q = (W·C·Pᵀ + λ·Q₀)·(P·Ĝ·Pᵀ + λI)⁻¹ with λ = `ridge`·mean(diag(P·Ĝ·Pᵀ)); float64 throughout.
 
-    `coef` is the current Q: the update is kept only when it lowers the output error.
+    Q₀ = `anchor` (default 0: the plain ridge) is what a large λ shrinks toward; with Q₀ the current
+    factor, λ → ∞ gives it back. `coef` is the current Q: the update is kept only when it lowers the
+    output error.
     """
     w, p = weight.double(), basis.double()
     normal = p @ gram_hat.double() @ p.mT  # k×k
     lam = ridge * float(normal.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny))
     normal = normal + lam * torch.eye(normal.shape[0], dtype=normal.dtype, device=normal.device)
     rhs = w @ cross.double() @ p.mT  # out×k
+    if anchor is not None:
+        rhs = rhs + lam * anchor.double()
     factor, info = torch.linalg.cholesky_ex(normal)
     if int(info) == 0:
         new = torch.cholesky_solve(rhs.mT, factor).mT
@@ -70,14 +74,22 @@ def update_coefficients(weight: torch.Tensor, basis: torch.Tensor, gram: torch.T
 
 
 def reduced_rank_fit(weight: torch.Tensor, gram_hat: torch.Tensor, cross: torch.Tensor, rank: int,
-                     ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best rank-`rank` M = Q·P for min ‖X·Wᵀ − X̂·Mᵀ‖²: returns (Q, P), out×k and k×in, float64."""
+                     ridge: float = 1e-6, anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-`rank` M = Q·P for min ‖X·Wᵀ − X̂·Mᵀ‖² + λ‖M − M₀‖²: returns (Q, P), out×k and k×in.
+
+    λ = `ridge`·mean(diag Ĝ); M₀ = `anchor` (out×in, default 0). The penalised objective equals
+    ‖(M − M*)·L̂‖² + const with L̂L̂ᵀ = Ĝ + λI and M* = (W·C + λM₀)(Ĝ + λI)⁻¹, so its rank-k optimum is
+    still trunc_k(M*·L̂)·L̂⁻¹ — exact, not an approximation. float64.
+    """
     w, g = weight.double(), gram_hat.double()
     lam = ridge * float(g.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny))
     g = g + lam * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     lower = torch.linalg.cholesky(g)  # Ĝ + λI = L̂ L̂ᵀ
-    # M*·L̂ = W·C·Ĝ⁻¹·L̂ = W·C·L̂⁻ᵀ: one triangular solve, no inverse.
-    target = torch.linalg.solve_triangular(lower, (w @ cross.double()).mT, upper=False).mT
+    pull = w @ cross.double()
+    if anchor is not None:
+        pull = pull + lam * anchor.double()
+    # M*·L̂ = (W·C + λM₀)·(Ĝ + λI)⁻¹·L̂ = (W·C + λM₀)·L̂⁻ᵀ: one triangular solve, no inverse.
+    target = torch.linalg.solve_triangular(lower, pull.mT, upper=False).mT
     u, s, vt = torch.linalg.svd(target, full_matrices=False)
     root = s[:rank].sqrt()
     q = u[:, :rank] * root

@@ -51,8 +51,10 @@ def whitening_factor(gram: torch.Tensor, method: str = "cholesky") -> Whitening:
     """Factor a symmetric PSD Gram matrix (float64) for whitening."""
     if method not in METHODS:
         raise ValueError(f"unknown whitening method {method!r}; allowed: {', '.join(METHODS)}")
+    # Cholesky and eigh read the lower triangle only, so an upper triangle that drifted from exact
+    # symmetry is ignored without a symmetrised copy: at a 7B model's down_proj that copy alone is
+    # 0.97 GB on top of the Gram and its factor.
     gram = gram.to(torch.float64)
-    gram = (gram + gram.mT) / 2  # accumulated sums drift from exact symmetry
     if not torch.isfinite(gram).all():
         raise FloatingPointError("the Gram matrix contains NaN or Inf")
     if method == "eigen":

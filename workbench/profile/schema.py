@@ -90,8 +90,10 @@ SECTIONS: dict[str, tuple[Option, ...]] = {
                "model's own inputs (dense outputs stay the target; ranks unchanged)"),
         Option("update", str, "none", "refit each low-rank layer's output factor Q in closed form against the "
                "dense outputs", choices=("none", "closed-form")),
-        Option("ridge", float, 1e-6, "ridge of the closed-form update, relative to the mean diagonal of P·Ĝ·Pᵀ",
-               min=0.0),
+        Option("ridge", float, 1e-6, "smallest ridge of the compensate stage's fits, relative to the mean "
+               "diagonal of P·Ĝ·Pᵀ (the fits shrink toward the allocated factors)", min=0.0),
+        Option("holdout", float, 0.25, "share of the calibration windows held out by the compensate stage to "
+               "choose the ridge and to accept each change (0: fit and judged on all windows)", min=0.0, max=0.5),
     ),
     "output": (
         Option("dir", str, None, "output directory (default: runs/<profile file stem>)"),
@@ -160,7 +162,8 @@ class CompressionSection:
     gram_precision: str = "auto"  # "float64", "float32-equilibrated" or "auto" (per device: docs/speed.md)
     sequential: bool = False  # the compensate stage re-factors one-layer groups from the compressed stream
     update: str = "none"  # "none" or "closed-form": the compensate stage refits Q (docs/compensation.md)
-    ridge: float = 1e-6  # the closed-form update's ridge, relative to mean diag(P·Ĝ·Pᵀ)
+    ridge: float = 1e-6  # the compensate stage's smallest ridge, relative to mean diag(P·Ĝ·Pᵀ)
+    holdout: float = 0.25  # share of calibration windows the compensate stage holds out to choose λ and judge
 
 
 @dataclass(frozen=True)
@@ -281,7 +284,8 @@ def _check_compression(c: Checker, given: dict, registry: Any) -> CompressionSec
         options, problems = validate_options(allocator.options, given_options, file=c.file, key_prefix=key)
         c.extend(problems)
     return CompressionSection(float(ratio), v["allocator"], group_size, targets, ignore, v["whitening"], options,
-                              v["gram_precision"], v["sequential"], v["update"], float(v["ridge"]))
+                              v["gram_precision"], v["sequential"], v["update"], float(v["ridge"]),
+                              float(v["holdout"]))
 
 
 def _check_recovery(c: Checker, given: dict) -> RecoverySection:

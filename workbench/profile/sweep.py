@@ -26,10 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workbench.api import nearest, validate_options
+from workbench.api import Option, nearest, validate_options
 from workbench.profile.checks import Checker, is_number
 
 SWEEPABLE = ("ratio", "allocator", "sequential", "update")
+# The keys as the app's profile form shows them (each one a TOML list, typed as text).
+SWEEP_OPTIONS = (
+    Option("ratio", list, None, "ratios to sweep, e.g. [0.2, 0.3, 0.4]"),
+    Option("allocator", list, None, 'allocators: names, or tables with options, e.g. ["uniform", '
+           '{name = "drank-rebalanced", beta = 0.5, label = "drank-b0.5"}]'),
+    Option("sequential", list, None, "the compensate stage's re-factoring, e.g. [false, true]"),
+    Option("update", list, None, 'the closed-form update, e.g. ["none", "closed-form"]'),
+)
 SWEEP_ALLOWED = ("ratio = [numbers in [0, 1)], allocator = [names or {name = ..., label = ..., <option> = ...}], "
                  "sequential = [true/false], update = [\"none\", \"closed-form\"]")
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")

@@ -60,6 +60,12 @@ class _Renderer:
 # --------------------------------------------------------------------------- plain lines
 
 
+def _rank_of(event: Event) -> int:
+    """The torchrun process an event came from (`data["rank"]`, relayed by run/rank_relay.py); 0 if none."""
+    rank = (event.data or {}).get("rank", 0)
+    return rank if isinstance(rank, int) and rank > 0 else 0
+
+
 class PlainRenderer(_Renderer):
     """One timestamped line per event, for logs and pipes.
 
@@ -74,26 +80,31 @@ class PlainRenderer(_Renderer):
         self._last_progress: dict[str, float] = {}
         self._started: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._sample: MemorySample | None = None  # the latest MEMORY reading: appended to each line
+        # the latest MEMORY reading per rank (torchrun: the others relayed onto process 0), appended to
+        # each line of that rank
+        self._samples: dict[int, MemorySample] = {}
 
     def __call__(self, event: Event) -> None:
         with self._lock:
+            rank = _rank_of(event)
             if event.kind == MEMORY:  # periodic: shown on the next line printed, never a line of its own
-                self._sample = MemorySample.from_data(event.data) or self._sample
+                sample = MemorySample.from_data(event.data)
+                if sample is not None:
+                    self._samples[sample.rank] = sample
                 return
-            body = self._body(event)
+            body = self._body(event, rank)
             if body is None:
                 return
             line = f"{_timestamp(event.time)} [{event.stage}] {body}"
-            if self._sample is not None:
-                line += f"  {self._sample.text()}"
+            if rank in self._samples:
+                line += f"  {self._samples[rank].text()}"
             elif event.memory_bytes is not None:
                 label = "gpu" if event.memory_kind == GPU_ALLOCATED else "rss"
                 line += f"  {label} {format_bytes(event.memory_bytes)}"
             self.stream.write(line + "\n")
             self.stream.flush()
 
-    def _body(self, event: Event) -> str | None:
+    def _body(self, event: Event, rank: int = 0) -> str | None:
         msg = event.message
         if event.kind == STAGE_START:
             self._started[event.stage] = event.time
@@ -105,12 +116,14 @@ class PlainRenderer(_Renderer):
             return f"done{took}{': ' + msg if msg else ''}"
         if event.kind == PROGRESS:
             now = self.clock()
-            last = self._last_progress.get(event.stage)
+            key = event.stage if rank == 0 else f"{event.stage} rank {rank}"
+            last = self._last_progress.get(key)
             finished = event.total is not None and event.current == event.total
             if not finished and last is not None and now - last < self.interval:
                 return None
-            self._last_progress[event.stage] = now
-            return f"{_progress_text(event)}{' ' + msg if msg else ''}"
+            self._last_progress[key] = now
+            who = f"rank {rank}: " if rank else ""
+            return f"{who}{_progress_text(event)}{' ' + msg if msg else ''}"
         if event.kind == WARNING:
             return f"WARNING: {msg}"
         if not msg and event.data:  # a kind added later that carries only data

@@ -99,13 +99,18 @@ def compensation_text(section: Mapping[str, Any] | None) -> str | None:
         return None
     sites = [s for s in section.get("sites") or [] if isinstance(s, Mapping)]
     changed = sum(bool(s.get("updated") or s.get("refactored")) for s in sites)
+    holdout = section.get("holdout")
+    choice = (f"ridge from {_num(section.get('ridge'))}, chosen on {_num(holdout)} of the windows held out"
+              if holdout else f"ridge {_num(section.get('ridge'))}")
     text = (f"sequential = {_num(section.get('sequential'))}, update = {_num(section.get('update'))} "
-            f"(ridge {_num(section.get('ridge'))}): {changed} of {len(sites)} sites changed")
-    before, after = section.get("objective_before"), section.get("objective_after")
-    if isinstance(before, (int, float)) and isinstance(after, (int, float)):
-        text += f", calibration objective {_num(float(before))} → {_num(float(after))}"
-        if before:
-            text += f" ({100 * (after - before) / before:+.1f}%)"
+            f"({choice}): {changed} of {len(sites)} sites changed")
+    for label, first, last in (("calibration objective", "objective_before", "objective_after"),
+                               ("held-out objective", "held_out_before", "held_out_after")):
+        before, after = section.get(first), section.get(last)
+        if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+            text += f", {label} {_num(float(before))} → {_num(float(after))}"
+            if before:
+                text += f" ({100 * (after - before) / before:+.1f}%)"
     seconds = section.get("time_s")
     if isinstance(seconds, (int, float)):
         text += f", {seconds:.1f} s"

@@ -9,9 +9,8 @@ Devices appear once this process has initialised CUDA (before that nothing is al
 so sampling never starts a CUDA context of its own.
 
 Several processes (torchrun): each sample carries its `rank`, and the displays keep the latest
-sample *per rank* (one line each), as they keep PROGRESS events that carry `data["rank"]`. So rank
-0 shows every rank once the other ranks' MEMORY and PROGRESS events are forwarded onto rank 0's
-EventBus (with their rank in `data`); building that forwarding belongs to the distributed run.
+sample *per rank* (one line each), as they keep PROGRESS events that carry `data["rank"]`; the
+other ranks' MEMORY and PROGRESS events reach rank 0's EventBus through run/rank_relay.py.
 
 Importing this module does not import torch (the app imports it at start-up).
 """
@@ -87,7 +86,42 @@ def _utilisation(index: int) -> int | None:
         return None
 
 
-class MemorySampler:
+class Periodic:
+    """A daemon thread that calls `step` every `interval` seconds while a with-block runs, and once
+    more as the block ends. A failing step ends the thread, never the run: these are display aids."""
+
+    thread_name = "workbench-periodic"
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                self.step()
+                if self._stop.wait(self.interval):
+                    self.step()  # the last word: what happened since the previous step is not lost
+                    return
+        except Exception:  # noqa: BLE001 - a display aid must not disturb the run
+            return
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+class MemorySampler(Periodic):
     """A daemon thread emitting a MEMORY event every `interval` seconds while the block runs.
 
         with MemorySampler(bus):
@@ -96,30 +130,15 @@ class MemorySampler:
     `read` exists for tests. A failing reading stops the sampling, never the run.
     """
 
+    thread_name = "workbench-memory"
+
     def __init__(self, events: EventBus, interval: float = INTERVAL, rank: int = 0,
                  read: Callable[[int], MemorySample] = read_memory, stage: str = "run"):
-        self.events, self.interval, self.rank, self.read, self.stage = events, interval, rank, read, stage
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__(interval)
+        self.events, self.rank, self.read, self.stage = events, rank, read, stage
 
     def sample(self) -> None:
         self.events.emit(MEMORY, self.stage, data=self.read(self.rank).to_data())
 
-    def _loop(self) -> None:
-        try:
-            while True:
-                self.sample()
-                if self._stop.wait(self.interval):
-                    return
-        except Exception:  # noqa: BLE001 - a display aid must not disturb the run
-            return
-
-    def __enter__(self) -> "MemorySampler":
-        self._thread = threading.Thread(target=self._loop, name="workbench-memory", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+    def step(self) -> None:
+        self.sample()

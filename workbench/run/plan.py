@@ -110,11 +110,13 @@ def estimate(s: Shapes) -> Estimate:
     model_file = int(b * (s.params - s.ratio * targeted)) + MODEL_EXTRAS
     # Factors + the Grams of pending groups + two layers' inputs (the new one is written before the old goes).
     checkpoint = factors + grams + 2 * hidden_states
-    # Compensation: the compressed stream beside the dense one, plus one layer's dense inputs per input group.
+    # Compensation: the compressed stream beside the dense one, one layer's dense inputs per input group,
+    # and the widest input group's float64 statistics: G, C, Ĝ for the fit and the held-out windows
+    # plus their sum while a site is refit.
     compensation = 0
     if s.compensate:
         widths = {name: fan_in for name, _, fan_in, _ in s.groups}
-        compensation = hidden_states + b * tokens * sum(widths.values())
+        compensation = hidden_states + b * tokens * sum(widths.values()) + 9 * 8 * widest_in ** 2
     return Estimate(inputs, grams, factors, max(factoring, forward), model_file, checkpoint, compensation)
 
 

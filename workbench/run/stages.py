@@ -504,7 +504,7 @@ class Compensate(Stage):
         c = ctx.profile.compression
         section = compensate(ctx.model, ctx.adapter, ctx.plans, ctx.table, ctx.dense_weights, ctx.windows,
                              ctx.loaded.device, ctx.cancel.check, sequential=c.sequential, update=c.update,
-                             ridge=c.ridge,
+                             ridge=c.ridge, holdout=c.holdout,
                              progress=lambda i, last: ctx.events.progress(self.name, i + 1, last + 1,
                                                                           data={"unit": "layer"}))
         ctx.dense_weights = None

@@ -18,6 +18,7 @@ import tomlkit
 from workbench.errors import ProfileError
 from workbench.api import Option
 from workbench.profile.schema import DEFAULT_ALLOCATOR, SECTIONS, TOP_LEVEL, parse_profile
+from workbench.profile.sweep import SWEEP_OPTIONS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -91,6 +92,8 @@ def build_sections(doc: Any, registry: Any) -> list[FormSection]:
                 key = ("compression", "allocator_options")
                 sections.append(FormSection(f"[compression.allocator_options] ({allocator.name})",
                                             tuple(_field((*key, o.name), o) for o in allocator.options)))
+    sections.append(FormSection("[sweep] (lists: one run per combination; empty: no sweep)",
+                                tuple(_field(("sweep", o.name), o) for o in SWEEP_OPTIONS)))
     evaluate = get_value(doc, ("evaluate",))
     for i, entry in enumerate(evaluate if isinstance(evaluate, list) else []):
         name = entry.get("evaluator") if isinstance(entry, dict) else None
@@ -140,6 +143,8 @@ def set_value(doc: Any, key: Key, value: Any) -> None:
     if value is _REMOVE:
         if last in node:
             del node[last]
+        if key[0] == "sweep" and len(key) == 2 and isinstance(doc.get("sweep"), dict) and not doc["sweep"]:
+            del doc["sweep"]  # an empty [sweep] is an error: the last value cleared means no sweep
     elif get_value(node, (last,)) != value or type(get_value(node, (last,))) is not type(value):
         node[last] = value  # only when it changed, so untouched values keep their exact spelling
 
