@@ -183,7 +183,10 @@ def test_preflight_counts_the_second_stream_only_when_the_stage_runs():
     on = dataclasses.replace(off, compensate=True)
     tokens = 8 * 32
     assert estimate(off).compensation == 0
-    assert estimate(on).memory - estimate(off).memory == 4 * tokens * 64 + 4 * tokens * (64 + 64 + 128)
+    # the second stream, one layer's dense inputs per input group, and the widest input's float64
+    # statistics: G, C, Ĝ for the fit and held-out windows plus their sum (9 matrices of 128²)
+    assert estimate(on).memory - estimate(off).memory == (4 * tokens * 64 + 4 * tokens * (64 + 64 + 128)
+                                                          + 9 * 8 * 128 ** 2)
 
 
 def _kl_to_dense(dense, compressed, ids) -> float:
