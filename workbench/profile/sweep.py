@@ -29,7 +29,6 @@ from typing import Any
 from workbench.api import Option, nearest, validate_options
 from workbench.profile.checks import Checker, is_number
 
-SWEEPABLE = ("ratio", "allocator", "sequential", "update")
 # The keys as the app's profile form shows them (each one a TOML list, typed as text).
 SWEEP_OPTIONS = (
     Option("ratio", list, None, "ratios to sweep, e.g. [0.2, 0.3, 0.4]"),
@@ -38,6 +37,7 @@ SWEEP_OPTIONS = (
     Option("sequential", list, None, "the compensate stage's re-factoring, e.g. [false, true]"),
     Option("update", list, None, 'the closed-form update, e.g. ["none", "closed-form"]'),
 )
+SWEEPABLE = tuple(o.name for o in SWEEP_OPTIONS)
 SWEEP_ALLOWED = ("ratio = [numbers in [0, 1)], allocator = [names or {name = ..., label = ..., <option> = ...}], "
                  "sequential = [true/false], update = [\"none\", \"closed-form\"]")
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")

@@ -197,13 +197,13 @@ class LiveRenderer(_Renderer):
                     self._peak_memory, self._memory_kind = None, event.memory_kind
                 self._memory = event.memory_bytes
                 self._peak_memory = max(self._peak_memory or 0, event.memory_bytes)
-            rank = (event.data or {}).get("rank", 0)
+            rank = _rank_of(event)
             if event.kind == MEMORY:
                 sample = MemorySample.from_data(event.data)
                 if sample is not None:
                     self._samples[sample.rank] = sample
                     self._peak_rss[sample.rank] = max(self._peak_rss.get(sample.rank, 0), sample.host_rss)
-            elif event.kind == PROGRESS and isinstance(rank, int) and rank > 0:
+            elif event.kind == PROGRESS and rank > 0:
                 self._rank_progress[rank] = event  # shown beside rank 0's bar, which it does not move
             elif event.kind == STAGE_START:
                 self._stage, self._stage_start, self._progress = event.stage, event.time, None
