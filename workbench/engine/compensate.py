@@ -11,7 +11,7 @@ module fed by that input group:
   sequential    (groups of one layer) P and Q re-factored at the allocated rank, whitened with Ĝ, the
                 compressed stream's statistics, against the dense outputs: the best rank-k M = Q·P for
                 min ‖X·Wᵀ − X̂·Mᵀ‖² (`compensation.reduced_rank_fit`, ridge λ relative to mean diag Ĝ);
-  closed-form   Q = W·C·Pᵀ(P·Ĝ·Pᵀ + λI)⁻¹ (`compensation.update_coefficients`), per layer against
+  closed-form   Q = W·C·Pᵀ(P·Ĝ·Pᵀ + λI)⁻¹ (`compensation.solve_coefficients`), per layer against
                 the group's P (shared or not).
 
 Both fits are shrunk toward the current factors (the whitened SVD): a ridge λ‖M − M₀‖², so a large λ
@@ -35,8 +35,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from workbench.engine.calibration import LayerBatch, capture_layer_inputs, run_layer
-from workbench.engine.compensation import output_error, reduced_rank_fit, update_coefficients
+from workbench.engine.calibration import LayerBatch, add_gram, capture_layer_inputs, run_layer, symmetrize
+from workbench.engine.compensation import OutputError, reduced_rank_fit, solve_coefficients
 from workbench.engine.grouping import GroupPlan
 from workbench.engine.lowrank import LowRankLinear
 
@@ -175,12 +175,15 @@ def compensate(model: nn.Module, adapter: Any, plans: Sequence[GroupPlan], table
                     pieces = [("fit", x, xh)] if mask is None else [("fit", x[~mask], xh[~mask]),
                                                                     ("held", x[mask], xh[mask])]
                     for part, a, ah in pieces:
-                        stats[part]["gram"].addmm_(a.mT, a)
+                        add_gram(stats[part]["gram"], a)  # upper blocks only: symmetric
                         stats[part]["cross"].addmm_(a.mT, ah)
-                        stats[part]["gram_hat"].addmm_(ah.mT, ah)
+                        add_gram(stats[part]["gram_hat"], ah)
 
                 _run_until(layer, layer.get_submodule(watch[g]), hidden, seen, check)
                 xs[g] = []
+                for part in parts:
+                    symmetrize(stats[part]["gram"])
+                    symmetrize(stats[part]["gram_hat"])
                 share = (time.perf_counter() - t0) / max(1, sum(p.site.input_group == g for p in here))
                 for plan in [p for p in here if p.site.input_group == g]:
                     sites.append(_update_site(plan, i, modules[plan.site.path], weights[(i, plan.site.path)], stats,
@@ -227,8 +230,11 @@ def _update_site(plan: GroupPlan, i: int, module: LowRankLinear, weight: torch.T
     w = weight.to(device=total["gram"].device, dtype=torch.float64)
     p0, q0 = module.basis.weight.detach().double(), module.coef.weight.detach().double()
 
+    # one OutputError per statistics set: its factor-free terms (tr W·G·Wᵀ, W·C) are shared by every fit scored
+    errors = {id(on): OutputError(w, on["gram"], on["cross"], on["gram_hat"]) for on in (fit, judge, total)}
+
     def error(q_: torch.Tensor, p_: torch.Tensor, on: dict[str, torch.Tensor]) -> float:
-        return output_error(w, q_, p_, on["gram"], on["cross"], on["gram_hat"])
+        return errors[id(on)](q_, p_)
 
     def refit(lam: float, on: dict[str, torch.Tensor]):
         # Ĝ is singular where an earlier low-rank module limits the stream (o_proj after a low-rank
@@ -236,13 +242,13 @@ def _update_site(plan: GroupPlan, i: int, module: LowRankLinear, weight: torch.T
         for tried in dict.fromkeys([lam, max(lam, SINGULAR_RIDGE)]):
             try:
                 return (*reduced_rank_fit(w, on["gram_hat"], on["cross"], module.rank, ridge=tried,
-                                          anchor=q0 @ p0), tried)
+                                          anchor=q0 @ p0, pull=errors[id(on)].pull), tried)
             except torch.linalg.LinAlgError as exc:
                 entry["refactor_skipped"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
         return None
 
     def solve(lam: float, p_: torch.Tensor, q_: torch.Tensor, on: dict[str, torch.Tensor]) -> torch.Tensor:
-        return update_coefficients(w, p_, on["gram"], on["cross"], on["gram_hat"], ridge=lam, anchor=q_).coef
+        return solve_coefficients(errors[id(on)].pull, p_, on["gram_hat"], ridge=lam, anchor=q_)[0]
 
     entry: dict[str, Any] = {"group": plan.key, "layer": i, "rank": module.rank,
                              "objective_before": error(q0, p0, total)}
