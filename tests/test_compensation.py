@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench.engine.compensation import output_error, reduced_rank_fit, update_coefficients
+from workbench.engine.compensation import (OutputError, output_error, reduced_rank_fit, solve_coefficients,
+                                           update_coefficients)
 from workbench.engine.factorize import whitened_svd
 
 
@@ -120,3 +121,27 @@ def test_reduced_rank_fit_shrunk_toward_an_anchor_is_the_rank_k_regression_on_au
     v = torch.linalg.svd(design @ full, full_matrices=False).Vh[:6].mT  # out×k
     reference = (full @ v @ v.mT).mT
     assert torch.allclose(q @ p, reference, rtol=1e-7, atol=1e-9)
+
+
+def test_one_output_error_scores_many_fits_as_the_direct_traces_do():
+    # The compensate stage builds one OutputError per statistics set and scores every candidate with it.
+    x, x_hat, w, p, q = _problem(11)
+    stats = _stats(x, x_hat)
+    error = OutputError(w, *stats)
+    g = torch.Generator().manual_seed(12)
+    for _ in range(3):
+        q_, p_ = q + torch.randn(q.shape, generator=g, dtype=q.dtype), p + torch.randn(p.shape, generator=g, dtype=p.dtype)
+        direct = float(torch.linalg.matrix_norm(x @ w.mT - x_hat @ p_.mT @ q_.mT) ** 2)
+        assert error(q_, p_) == pytest.approx(direct, rel=1e-10)
+
+
+def test_fits_from_a_given_w_c_equal_the_fits_that_compute_it():
+    x, x_hat, w, p, q = _problem(13)
+    gram, cross, gram_hat = _stats(x, x_hat)
+    pull = OutputError(w, gram, cross, gram_hat).pull
+    for given, computed in zip(reduced_rank_fit(w, gram_hat, cross, 6, ridge=1e-3, anchor=q @ p, pull=pull),
+                               reduced_rank_fit(w, gram_hat, cross, 6, ridge=1e-3, anchor=q @ p)):
+        assert torch.allclose(given, computed, rtol=0, atol=0)
+    coef, lam = solve_coefficients(pull, p, gram_hat, ridge=1e-3, anchor=q)
+    reference = update_coefficients(w, p, gram, cross, gram_hat, ridge=1e-3, anchor=q)
+    assert lam == reference.ridge and torch.equal(coef, reference.coef)
