@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from workbench.engine import factorize
 from workbench.engine.factorize import measured_loss, predicted_loss, whitened_svd
 from workbench.engine.whitening import whitening_factor
 
@@ -62,6 +63,20 @@ def test_group_shares_one_basis_and_matches_closed_form():
         assert measured_loss(ws, f, k) == pytest.approx(predicted_loss(f, k), rel=1e-9)
 
 
+def test_loss_check_by_row_blocks_equals_the_whole_matrix_at_once(monkeypatch):
+    # Blocks that split layers unevenly (3 rows per block, 8 rows per layer) must still pair each
+    # weight row with its own row of Q.
+    g = torch.Generator().manual_seed(6)
+    ws = [torch.randn(8, 12, generator=g, dtype=torch.float64) for _ in range(3)]
+    x = torch.randn(60, 12, generator=g, dtype=torch.float64)
+    f = whitened_svd(ws, x.T @ x, keep=12)
+    monkeypatch.setattr(factorize, "CHECK_ROWS", 3)
+    for k in (2, 7):
+        qs, p = f.factors(k, dtype=torch.float64)
+        whole = float(((torch.cat(ws) - torch.cat(qs) @ p) @ f.whitening.factor).square().sum())
+        assert measured_loss(ws, f, k) == pytest.approx(whole, rel=1e-12)
+
+
 def test_singular_gram_falls_back_and_reports():
     w, x = _data(tokens=5)  # 5 tokens in 16 dimensions: rank-deficient Gram
     white = whitening_factor(x.T @ x, "cholesky")
@@ -114,3 +129,27 @@ def test_compact_drops_the_whitening_factor_but_keeps_the_factors(method):
     assert (f.whitening.method, f.u.dtype, f.vt_linv.dtype) == (method, torch.float32, torch.float32)
     qs32, p32 = f.factors(4, dtype=torch.float64)
     assert torch.allclose(qs32[0] @ p32, qs[0] @ p, rtol=1e-5, atol=1e-6 * float((qs[0] @ p).abs().max()))
+
+
+def test_factoring_a_shared_group_leaves_each_layers_gram_as_it_was():
+    # One layer's Gram is factored in place of a copy; a shared group's are summed into a new matrix,
+    # never into the first layer's (a checkpoint or a resumed run reads them again).
+    from torch import nn
+
+    from workbench.api import Site
+    from workbench.engine.compress import _factor_group
+    from workbench.engine.grouping import GroupPlan
+
+    g = torch.Generator().manual_seed(8)
+    layers = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(12, 8, bias=False)}) for _ in range(2))
+    grams = {}
+    for i in range(2):
+        x = torch.randn(40, 12, generator=g, dtype=torch.float64)
+        grams[("in", i)] = x.T @ x
+    before = {key: gram.clone() for key, gram in grams.items()}
+    plan = GroupPlan("proj@0-1", Site("proj", "proj", "in"), (0, 1), 12, 8)
+    shared = _factor_group(layers, plan, grams, "cholesky", torch.device("cpu"), full=True)
+    assert all(torch.equal(grams[key], before[key]) for key in grams)
+    expected = torch.linalg.svdvals(torch.cat([layers[i]["proj"].weight.double() for i in range(2)])
+                                    @ torch.linalg.cholesky(before[("in", 0)] + before[("in", 1)]))
+    assert torch.allclose(shared.singular_values, expected, rtol=1e-10)

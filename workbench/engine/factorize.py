@@ -78,6 +78,7 @@ def whitened_svd(weights: list[torch.Tensor], gram: torch.Tensor, keep: int, met
     stacked = torch.cat([w.detach().to(device=gram.device, dtype=torch.float64) for w in weights], dim=0)
     white = whitening_factor(gram, method)
     a = stacked @ white.factor
+    del stacked  # n·out × in float64: not needed past this point, freed before the SVD's own buffers
     if a.is_cuda:  # GPU SVD is fast and exact enough; the eigh shortcut pays on CPUs
         u, s, vt = torch.linalg.svd(a, full_matrices=False)
         keep = min(keep, s.numel())
@@ -89,12 +90,25 @@ def whitened_svd(weights: list[torch.Tensor], gram: torch.Tensor, keep: int, met
     return GroupFactors(s, u.contiguous(), vt_linv.contiguous(), weights[0].shape[0], white)
 
 
+# Rows of W_g per block of the loss check: its temporaries are a few blocks of rows × in (float64),
+# not several copies of the whole n·out × in matrix (1.4 GB at a 7B down_proj, the factoring's peak).
+CHECK_ROWS = 1024
+
+
 def measured_loss(weights: list[torch.Tensor], factors: GroupFactors, rank: int) -> float:
-    """‖(W_g − Q P) L‖²_F in float64, computed from the factors themselves (not from σ)."""
-    stacked = torch.cat([w.detach().to(device=factors.u.device, dtype=torch.float64) for w in weights], dim=0)
+    """‖(W_g − Q P) L‖²_F in float64, computed from the factors themselves (not from σ), by row blocks."""
+    device = factors.u.device
     root = factors.singular_values[:rank].sqrt()
-    approx = (factors.u[:, :rank] * root) @ (root[:, None] * factors.vt_linv[:rank])
-    return float((((stacked - approx) @ factors.whitening.factor) ** 2).sum())
+    q = factors.u[:, :rank].to(root.dtype) * root
+    p = root[:, None] * factors.vt_linv[:rank].to(root.dtype)
+    total, first = 0.0, 0
+    for weight in weights:
+        for start in range(0, weight.shape[0], CHECK_ROWS):
+            rows = weight.detach()[start:start + CHECK_ROWS].to(device=device, dtype=torch.float64)
+            rows = rows - q[first + start:first + start + rows.shape[0]] @ p
+            total += float(torch.linalg.vector_norm(rows @ factors.whitening.factor).square())
+        first += weight.shape[0]
+    return total
 
 
 def predicted_loss(factors: GroupFactors, rank: int) -> float:
