@@ -230,8 +230,12 @@ def _update_site(plan: GroupPlan, i: int, module: LowRankLinear, weight: torch.T
     w = weight.to(device=total["gram"].device, dtype=torch.float64)
     p0, q0 = module.basis.weight.detach().double(), module.coef.weight.detach().double()
 
-    # one OutputError per statistics set: its factor-free terms (tr W·G·Wᵀ, W·C) are shared by every fit scored
-    errors = {id(on): OutputError(w, on["gram"], on["cross"], on["gram_hat"]) for on in (fit, judge, total)}
+    # one OutputError per distinct statistics set (fit, judge and total are one set when nothing is held
+    # out): its factor-free terms (tr W·G·Wᵀ, W·C) are shared by every fit scored
+    errors: dict[int, OutputError] = {}
+    for on in (fit, judge, total):
+        if id(on) not in errors:
+            errors[id(on)] = OutputError(w, on["gram"], on["cross"], on["gram_hat"])
 
     def error(q_: torch.Tensor, p_: torch.Tensor, on: dict[str, torch.Tensor]) -> float:
         return errors[id(on)](q_, p_)
