@@ -22,7 +22,8 @@ from workbench.profile.schema import parse_profile
 from workbench.registry import load_registry
 from workbench.run.pipeline import run
 from workbench_allocators.ara import round_masks, soft_ratio
-from workbench_signals.ara import AraSignal, _masked_modules, _Plan, initial_logits, rank_mask, train_masks
+from workbench_signals.ara import (AraSignal, _group_spectra, _masked_modules, _Plan, initial_logits, initial_ranks,
+                                   rank_mask, train_masks)
 
 CPU = torch.device("cpu")
 
@@ -79,11 +80,13 @@ def _calibrated(kv_heads: int, layers: int = 2, scale: dict[tuple[int, str], flo
     return model, adapter, plans, cal, ids
 
 
-def _context(model, adapter, plans, cal, ids, options, events=None, cancel=None, checkpoint=None, budget=None):
+def _context(model, adapter, plans, cal, ids, options, events=None, cancel=None, checkpoint=None, budget=None,
+             lookup=None):
     signal = AraSignal()
     return SignalContext(model=model, adapter=adapter, plans=plans, factors=cal.factors, windows=ids, device=CPU,
                          events=events or EventBus(), cancel=cancel or CancelToken(),
-                         options=signal_options(signal, options), budget=budget, checkpoint=checkpoint)
+                         options=signal_options(signal, options), budget=budget, checkpoint=checkpoint,
+                         lookup=lookup)
 
 
 @pytest.fixture(scope="module", params=[4, 2], ids=["mha", "gqa"])
@@ -285,6 +288,71 @@ def test_a_profile_with_a_bad_ara_option_is_refused_with_exit_2(tiny_workspace, 
     result = CliRunner().invoke(app, ["profile", "validate", str(tmp_path / "p.toml")])
     assert result.exit_code == 2, result.output
     assert "signals.ara.budget_weight" in result.output
+
+
+def test_loss_aware_start_is_the_registered_allocator_on_its_signal(tiny):
+    """init = "loss-aware" gives the loss-aware allocator's ranks on a Fisher pass over `init_windows`."""
+    model, adapter, plans, cal, ids = tiny
+    registry = load_registry(strict=True)
+    budget = budget_for(cal.spectra, 0.4)
+    ctx = _context(model, adapter, plans, cal, ids, {"init": "loss-aware", "init_windows": 3}, budget=budget,
+                   lookup=registry.get)
+    got = initial_ranks(ctx, _group_spectra(plans, cal.factors), budget)
+    from workbench.engine.sensitivity import compute_signals, put_signals
+
+    put_signals(cal.spectra, compute_signals(registry, ("fisher",), model, adapter, plans, cal.factors, ids[:3], CPU,
+                                             EventBus(), CancelToken()))
+    expected = allocate(registry.allocators["loss-aware"], "loss-aware", cal.spectra, budget, {})
+    assert got == dict(expected)
+    assert total_cost(cal.spectra, got) <= budget
+
+
+def test_loss_aware_start_uses_a_replacement_registered_under_the_names(tiny):
+    """A third-party "loss-aware" (and the signal it needs) is what the start uses, not the built-in's code."""
+    from workbench.api import Allocator, Option, Signal, fill_to_budget, uniform_ranks
+
+    model, adapter, plans, cal, ids = tiny
+    seen = {}
+
+    class Probe(Signal):
+        name = "probe"
+        options = (Option("windows", int, 2, min=1),)
+
+        def compute(self, ctx):
+            seen["windows"] = ctx.options["windows"]
+            return {p.key: float(i) for i, p in enumerate(ctx.plans)}
+
+    class FirstGroupFirst(Allocator):
+        name = "loss-aware"
+        needs = ("probe",)
+        options = (Option("floor", int, 1, min=1),)
+
+        def allocate(self, groups, budget, options):
+            seen["probe"] = {g.key: g.sensitivity["probe"] for g in groups}
+            seen["options"] = dict(options)
+            ranks = {g.key: options["floor"] for g in groups}
+            ranks[groups[0].key] = groups[0].max_rank
+            return ranks
+
+    plugins = {("allocator", "loss-aware"): FirstGroupFirst(), ("signal", "probe"): Probe()}
+    budget = budget_for(cal.spectra, 0.4)
+    ctx = _context(model, adapter, plans, cal, ids, {"init": "loss-aware", "init_windows": 5}, budget=budget,
+                   lookup=lambda kind, name: plugins[(kind, name)])
+    groups = _group_spectra(plans, cal.factors)
+    got = initial_ranks(ctx, groups, budget)
+    assert seen["windows"] == 5 and seen["options"] == {"floor": 1}
+    assert seen["probe"] == {p.key: float(i) for i, p in enumerate(plans)}
+    assert got[groups[0].key] == groups[0].max_rank  # the replacement's choice survives the budget fill
+    assert got == fill_to_budget(groups, {**{g.key: 1 for g in groups}, groups[0].key: groups[0].max_rank}, budget)
+    assert got != uniform_ranks(groups, budget)
+
+
+def test_loss_aware_start_without_a_registry_says_how_to_give_one(tiny):
+    model, adapter, plans, cal, ids = tiny
+    budget = budget_for(cal.spectra, 0.4)
+    ctx = _context(model, adapter, plans, cal, ids, {"init": "loss-aware"}, budget=budget)
+    with pytest.raises(UsageError, match="lookup=registry.get"):
+        initial_ranks(ctx, _group_spectra(plans, cal.factors), budget)
 
 
 def test_the_signal_without_a_budget_says_what_it_needs(tiny):

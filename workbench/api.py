@@ -344,6 +344,31 @@ class SignalContext:
     # JSON-able meta and a {name: tensor} dict, `load()` returns the last (meta, tensors) or None.
     # None: nothing is kept (no work directory).
     checkpoint: Any = None
+    # The run's plugin registry as a function (kind, name) -> plugin ("signal", "allocator", ...), so that a
+    # signal building on another one gets what the profile's names resolve to (a replacement included).
+    lookup: Any = None
+
+    def plugin(self, kind: str, name: str) -> "Plugin":
+        """The registered plugin of `kind` called `name`, e.g. `ctx.plugin("allocator", "loss-aware")`."""
+        if self.lookup is None:
+            raise UsageError(f"no plugin registry here to look up {kind} '{name}': build the SignalContext "
+                             "with `lookup=registry.get`")
+        return self.lookup(kind, name)
+
+    def signal(self, name: str, options: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
+        """Another registered signal's {group key: value} on this context's model, groups and windows.
+
+        `options` are checked against that signal's declared ones (defaults filled); it gets no
+        checkpoint (its result is part of the calling signal's work).
+        """
+        from dataclasses import replace
+
+        plugin = self.plugin("signal", name)
+        resolved, problems = validate_options(plugin.options, dict(options or {}), file="<signals>",
+                                              key_prefix=f"signals.{name}")
+        if problems:
+            raise UsageError("; ".join(f"{p.key}: {p.message}" for p in problems))
+        return plugin.compute(replace(self, options=resolved, checkpoint=None))
 
     @contextmanager
     def swapped(self, modules: Mapping[str, "nn.Module"]):

@@ -40,7 +40,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 from workbench.api import (GroupSpectrum, Option, Signal, SignalContext, UsageError, break_even_rank,
-                           fill_to_budget, uniform_ranks)
+                           fill_to_budget, uniform_ranks, validate_options)
 
 #: Width of the initial distribution around the initial rank, as a fraction of r: a soft step.
 INIT_WIDTH = 1.0 / 16
@@ -80,19 +80,25 @@ def _group_spectra(plans, factors) -> list[GroupSpectrum]:
 
 
 def initial_ranks(ctx: SignalContext, groups: Sequence[GroupSpectrum], budget: int) -> dict[str, int]:
-    """Where training starts: uniform ranks, or the loss-aware allocator's (a Fisher pass first)."""
+    """Where training starts: uniform ranks, or the registered "loss-aware" allocator's with its defaults.
+
+    Both the allocator and the signals it needs come from the run's registry (`ctx.plugin`), not from
+    imports of the built-ins, so a replacement registered under those names is the one used. A signal
+    that declares a `windows` option gets `init_windows`.
+    """
     if ctx.options.get("init", "uniform") == "uniform":
         return uniform_ranks(groups, budget)
-    from workbench_allocators.loss_aware import component_scores, water_fill
-    from workbench_signals.fisher import fisher_scores
-
-    windows = ctx.windows[:max(1, int(ctx.options.get("init_windows", 8)))]
-    fisher = fisher_scores(ctx.model, ctx.adapter, ctx.plans, ctx.factors, windows, ctx.device, ctx.events,
-                           ctx.cancel, ctx.stage)
-    for g in groups:
-        g.sensitivity = {**g.sensitivity, "fisher": fisher[g.key]}
-    ranks = water_fill(groups, {g.key: component_scores(g, "component") for g in groups}, budget)
-    return fill_to_budget(groups, ranks, budget)
+    allocator = ctx.plugin("allocator", "loss-aware")
+    init_windows = int(ctx.options.get("init_windows", 8))
+    for name in allocator.needs:
+        declared = {o.name for o in ctx.plugin("signal", name).options}
+        values = ctx.signal(name, {"windows": init_windows} if "windows" in declared else None)
+        for g in groups:
+            g.sensitivity = {**g.sensitivity, name: values[g.key]}
+    options, problems = validate_options(allocator.options, {}, file="<signals>", key_prefix="signals.ara.init")
+    if problems:  # a replacement whose options have no defaults
+        raise UsageError("; ".join(f"{p.key}: {p.message}" for p in problems))
+    return fill_to_budget(groups, dict(allocator.allocate(groups, budget, options)), budget)
 
 
 def _masked_linear_class():

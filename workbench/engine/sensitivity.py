@@ -57,7 +57,7 @@ def compute_signals(registry, names: Sequence[str], model: nn.Module, adapter: A
         ctx = SignalContext(model=model, adapter=adapter, plans=plans, factors=factors, windows=windows,
                             device=device, events=events, cancel=cancel,
                             options=signal_options(signal, options.get(name)), budget=budget, ratio=ratio,
-                            checkpoint=checkpoint)
+                            checkpoint=checkpoint, lookup=registry.get)
         out[name] = compute_signal(signal, registry.describe("signal", name), ctx)
     return out
 

@@ -375,7 +375,8 @@ class Signals(Stage):
                                   cancel=ctx.cancel, options=options, stage=self.name, ratio=ratio,
                                   budget=budget_for(ctx.calibrated.spectra, ratio),
                                   checkpoint=None if ctx.work is None else ProgressStore(ctx.work,
-                                                                                         f"signal-{name}-progress")))
+                                                                                         f"signal-{name}-progress"),
+                                  lookup=ctx.registry.get))
         put_signals(ctx.calibrated.spectra, ctx.signals)
 
     def restore(self, ctx, work):
