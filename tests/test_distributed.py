@@ -275,3 +275,73 @@ def test_an_error_in_process_0_stops_every_process_with_its_exit_code(job):
     assert [code for code, _, _ in results] == [2, 2], [r[2][-1500:] for r in results]
     assert "already exists" in results[0][2] and "already exists" in results[1][2]
     assert time.monotonic() - started < TIMEOUT
+
+
+# ---------------------------------------------------------------------------------- offload under torchrun
+
+
+@pytest.fixture(scope="module")
+def offload_job(tmp_path_factory):
+    """The tiny Llama with `drank` (no signal), in one process without offload and as two processes with
+    offload = "disk" (each process's private folders under its own TMPDIR, to see them go)."""
+    root = tmp_path_factory.mktemp("distributed-offload")
+    save_tiny_model(root / "tiny-llama", layers=4)
+    write_text_corpus(root / "corpus.txt")
+    profiles = {}
+    for mode in ("none", "disk"):
+        text = tiny_profile(root, root / "unused", ratio=0.3, group_size=2, samples=10, allocator="drank")
+        profiles[mode] = root / f"{mode}.toml"
+        profiles[mode].write_text(text.replace('device = "cpu"\n', f'device = "cpu"\noffload = "{mode}"\n', 1))
+    one = subprocess.run(_command(profiles["none"], root / "one"),
+                         env=_env(WORKBENCH_DENSE_CACHE=str(root / "cache-one")), capture_output=True, text=True,
+                         timeout=TIMEOUT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    temp = root / "tmp"
+    temp.mkdir()
+    procs = []
+    port = str(_free_port())
+    for rank in range(2):
+        env = _env(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                   TMPDIR=str(temp), WORKBENCH_DENSE_CACHE=str(root / "cache-two"))
+        procs.append(subprocess.Popen(_command(profiles["disk"], root / "two"), env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = finish(procs)
+    assert [code for code, _, _ in results] == [0, 0], [r[2][-3000:] for r in results]
+    return root, profiles["disk"], temp, results
+
+
+def test_two_processes_under_disk_offload_give_the_ranks_and_numbers_of_one_without(offload_job):
+    root, _, temp, results = offload_job
+    one_report, two_report = report(root / "one"), report(root / "two")
+    assert "offload: disk" in results[0][1]  # the job did offload
+    assert ranks(two_report) == ranks(one_report) and two_report["calibration"]["processes"] == 2
+    for (d1, c1), (d2, c2) in zip(metric_values(one_report), metric_values(two_report)):
+        assert d2 == pytest.approx(d1, rel=1e-9) and c2 == pytest.approx(c1, rel=1e-5)
+    one_low, two_low = low_rank_weights(root / "one"), low_rank_weights(root / "two")
+    assert one_low.keys() == two_low.keys() and len(one_low) > 0
+    worst = max(float((one_low[k] - two_low[k]).norm() / one_low[k].norm()) for k in one_low)
+    assert worst <= 1e-4, f"largest relative difference of Q·P: {worst:.2e}"
+    assert not list(temp.iterdir())  # process 1's spilled factors and layers went when it exited
+    assert not (root / "two.work").exists() and not list((root / "two").glob(".offload-*"))
+
+
+def test_a_disk_offload_job_stopped_mid_calibration_resumes_to_the_same_answer(offload_job):
+    root, profile, _, _ = offload_job
+    out = root / "stopped"
+    leader, follower = procs = start_job(profile, out, 2)
+    for line in leader.stdout:
+        event = json.loads(line)
+        if event["kind"] == "progress" and event["stage"] == "calibrate" and event["current"] == 2:
+            follower.send_signal(signal.SIGTERM)  # after two of the four layers are checkpointed
+            break
+    results = finish(procs)
+    assert [code for code, _, _ in results] == [130, 130], [r[2][-1500:] for r in results]
+    assert not out.exists()
+    resumed = finish(start_job(profile, out, 2, "--resume"))
+    assert [code for code, _, _ in resumed] == [0, 0], [r[2][-1500:] for r in resumed]
+    rep, two = report(out), report(root / "two")
+    assert rep.get("resumed_from_checkpoint"), "the second run did not resume"
+    assert ranks(rep) == ranks(two)
+    assert metric_values(rep) == metric_values(two)  # same shares, same sums: bit for bit
+    a, b = model_tensors(out), model_tensors(root / "two")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

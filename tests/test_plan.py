@@ -93,7 +93,12 @@ def test_processes_split_the_inputs_but_each_holds_its_grams_and_every_factor():
     assert len(settings(SMALL)) == 3 * 4
     gpus = Machine(host=100 * HOST_BASE, disk=10**9, gpus=(10**9, 10**9))
     assert verdict(setting(replace(SMALL, fisher=False), "none", 2), gpus) is None
-    assert verdict(setting(replace(SMALL, fisher=False), "cpu", 2), gpus) == 'several processes: offload "none" only'
+    assert verdict(setting(replace(SMALL, fisher=False), "cpu", 2), gpus) is None  # offload combines with torchrun
+    # each process spills every factor under "disk" and keeps its compressed layers under offload
+    est = estimate(SMALL)
+    assert none.disk == setting(SMALL, "none", 1).disk == est.model_file + est.checkpoint
+    assert cpu.disk == 2 * est.model_file + est.checkpoint
+    assert disk.disk == 2 * est.model_file + est.checkpoint + 2 * est.factors
 
 
 def test_none_is_exactly_preflight_on_top_of_the_weights():

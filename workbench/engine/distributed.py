@@ -172,11 +172,13 @@ class DistributedReducer(Reducer):
 
         p = self.p
         mine: dict[str, tuple] = {}
+        local: dict[str, Any] = {}  # this process's own results, as `factor` left them (spilled, say)
         for j, plan in enumerate(plans):
             if j % p.world != p.rank:
                 continue
             try:
                 f, entry = factor(layers, plan, stats)
+                local[plan.key] = f
                 # where `factor` left them ("cuda": each process's own GPU), so every process keeps them alike
                 home = f.u.device.type if isinstance(getattr(f, "u", None), torch.Tensor) else "cpu"
                 mine[plan.key] = ("ok", moved(f, "cpu"), entry, home)
@@ -188,10 +190,17 @@ class DistributedReducer(Reducer):
         errors = [results[plan.key][1] for plan in plans if results[plan.key][0] == "error"]
         if errors:
             raise RunFailed(errors[0])
+        keep = getattr(factor, "keep", None)  # offload: where received factors go (host memory, a spill file)
         out = []
         for j, plan in enumerate(plans):
             _, f, entry, home = results[plan.key]
-            if j % p.world != p.rank and entry.get("fallback") and p.leader:
+            if plan.key in local:
+                out.append((local[plan.key], entry))
+                continue
+            if entry.get("fallback") and p.leader:
                 self.warn(f"{plan.key}: {entry['fallback']}; used the eigen route")  # told where it is shown
-            out.append((moved(f, home), entry))
+            f = moved(f, home)
+            if keep is not None:
+                keep(plan.key, f)
+            out.append((f, entry))
         return out

@@ -329,15 +329,21 @@ def factors_to_host(factor: Callable, spill: "FactorSpill | None" = None) -> Cal
     """Wrap the walk's factor step: a group's factors leave the device once checked and compacted
     (to host memory; with `spill`, to a file mapped back into memory)."""
 
-    def moved(layers, plan, stats):
-        factors, entry = factor(layers, plan, stats)
+    def keep(key: str, factors) -> None:
         factors.singular_values = factors.singular_values.to(HOST)
         factors.u = factors.u.to(HOST)
         factors.vt_linv = factors.vt_linv.to(HOST)
         if spill is not None:
-            spill.write(plan.key, factors)
+            spill.write(key, factors)
+
+    def moved(layers, plan, stats):
+        factors, entry = factor(layers, plan, stats)
+        keep(plan.key, factors)
         return factors, entry
 
+    # Under torchrun each process factors some groups and receives the others' (DistributedReducer):
+    # those go through `keep` too, so they are spilled where this process's own are.
+    moved.keep = keep
     return moved
 
 

@@ -83,9 +83,6 @@ def check_profile(profile, world: int) -> None:
                          "or run without torchrun")
     if getattr(profile, "sweep", None) is not None:
         raise UsageError("a [sweep] runs in one process only; run it without torchrun")
-    if getattr(profile.model, "offload", "none") in ("cpu", "disk"):
-        raise UsageError(f"model.offload = \"{profile.model.offload}\" is not supported by a torchrun job yet; "
-                         f"set it to \"none\" (each process holds the whole model) or run in one process")
     device = (profile.model.device or "auto").strip().lower()
     if device.startswith("cuda:") or device == "mps":
         raise UsageError(f"model.device = \"{profile.model.device}\" under torchrun: each process uses its own GPU "
@@ -399,9 +396,6 @@ def share_calibration(ctx, walk: dict[str, Any]) -> tuple[torch.Tensor, dict[str
     p = current()
     if p is None:
         return ctx.windows, walk
-    if ctx.offload is not None:
-        raise UsageError("model.offload chose to offload this model, which a torchrun job does not support yet; "
-                         "set model.offload = \"none\" (each process then holds the whole model) or run in one process")
     from workbench.engine.walk import GramStatistics, Strategies
 
     strategies = walk.get("strategies") or Strategies(accumulator=GramStatistics(ctx.gram_precision))

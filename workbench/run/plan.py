@@ -43,9 +43,6 @@ MODEL_EXTRAS = 20 << 20
 # Python with torch and transformers imported: 0.4 GiB measured on a CPU (docs/scaling.md); CUDA's
 # libraries add about as much again. Counted once per process on the host.
 HOST_BASE = 1 << 30
-# Several processes (torchrun) run with offload "none" only, for now (docs/scaling.md, "Several
-# processes"); `verdict` says so for the other modes. Set True when they combine.
-OFFLOAD_UNDER_TORCHRUN = False
 
 
 @dataclass(frozen=True)
@@ -209,7 +206,10 @@ def setting(s: Shapes, offload: str, processes: int = 1, est: Estimate | None = 
         held = weights if offload == "none" else one_layer
         host = base + {"none": 0, "cpu": p * weights, "disk": p * one_layer}[offload]
         phases["evaluation"] = Need(held + logits, host)
-    disk = est.model_file + est.checkpoint + (est.factors if offload == "disk" else 0)
+    # Under offload every process keeps its compressed layers on disk until the end (process 0 in the
+    # staging directory, the others in a folder of their own), and under "disk" spills every factor.
+    disk = (est.model_file + est.checkpoint + (p * est.factors if offload == "disk" else 0)
+            + ((p - 1) * est.model_file if offload != "none" else 0))
     whole_model = tuple(name for name, needed in (("fisher", s.fisher), ("compensation", s.compensate)) if needed)
     return Setting(offload, p, phases, disk, est, whole_model)
 
@@ -232,8 +232,6 @@ class Machine:
 
 def verdict(s: Setting, machine: Machine) -> str | None:
     """None when the setting fits `machine`; else what does not, in a few words."""
-    if s.processes > 1 and s.offload != "none" and not OFFLOAD_UNDER_TORCHRUN:
-        return "several processes: offload \"none\" only"
     # The fisher signal and the compensate stage need the whole model on the compute device: offload
     # refuses them, except "cpu" on a CPU-only machine, where the host is the compute device.
     if s.whole_model and (s.offload == "disk" or (s.offload == "cpu" and machine.gpus)):

@@ -331,9 +331,24 @@ def _offload_walk(ctx: RunContext) -> dict[str, Any]:
 
         from workbench.storage.checkpoint import SPILL
 
-        shutil.rmtree(ctx.work.path / SPILL, ignore_errors=True)  # an interrupted run's: the checkpoint has them
-        walk["factor_spill"] = offload.FactorSpill(ctx.work.path / SPILL)
+        if ctx.work.path is not None:
+            shutil.rmtree(ctx.work.path / SPILL, ignore_errors=True)  # an interrupted run's: the checkpoint has them
+            walk["factor_spill"] = offload.FactorSpill(ctx.work.path / SPILL)
+        else:  # another process of a torchrun job (process 0 holds the work directory)
+            walk["factor_spill"] = offload.FactorSpill(_private_folder("spill"))
     return walk
+
+
+def _private_folder(what: str) -> Path:
+    """A folder of this process's own, removed when it exits: where a torchrun job's processes other
+    than 0 (which hold no work or staging directory) keep what offload writes (factors, layers)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix=f"workbench-{what}-")
+    atexit.register(shutil.rmtree, folder, True)
+    return Path(folder)
 
 
 class Signals(Stage):
@@ -456,12 +471,16 @@ class Assemble(Stage):
         if ctx.offload is not None:  # layer by layer; each finished layer written to the staging directory
             from workbench.engine.offload import assemble_offloaded
 
+            from workbench.run.distributed import current
+
+            p = current()  # under torchrun only process 0 stages the output; the others keep their layers privately
+            folder = ctx.output() / OFFLOAD_LAYERS if p is None or p.leader else _private_folder("layers")
             ctx.table = assemble_offloaded(ctx.offload, ctx.model, ctx.adapter, ctx.plans, cal.factors, ctx.ranks,
-                                           cal.spectra, ctx.output() / OFFLOAD_LAYERS, ctx.cancel.check)
+                                           cal.spectra, folder, ctx.cancel.check)
         else:
             ctx.table = assemble(ctx.model, ctx.adapter, ctx.plans, cal.factors, ctx.ranks, cal.spectra)
         cal.factors = {}
-        if ctx.offload is not None and ctx.work is not None:  # the spilled factors (offload "disk")
+        if ctx.offload is not None and ctx.work is not None and ctx.work.path is not None:  # the spilled factors
             import shutil
 
             from workbench.storage.checkpoint import SPILL
@@ -571,8 +590,11 @@ class EvaluateCompressed(Stage):
 
     def run(self, ctx):
         ctx.compressed_results = evaluate_all(ctx, "compressed")
-        if ctx.offload is not None:  # the compressed layers' homes; the output has its own shards
-            import shutil
+        from workbench.run.distributed import current
+
+        p = current()
+        if ctx.offload is not None and (p is None or p.leader):  # the compressed layers' homes (the output has
+            import shutil                                         # its own shards; other processes' go at exit)
 
             shutil.rmtree(ctx.output() / OFFLOAD_LAYERS, ignore_errors=True)
 
