@@ -356,6 +356,43 @@ def test_the_app_lists_a_sweep_as_one_entry_that_opens_to_its_table_and_chart(re
     asyncio.run(flow())
 
 
+def test_the_app_chart_goes_through_every_metric_with_m(tmp_path):
+    import asyncio
+
+    pytest.importorskip("textual")
+    from workbench.tui.app import WorkbenchApp
+    from workbench.tui.screens.sweep import SweepChart, SweepScreen
+
+    summary = _summary()
+    accuracy = {"evaluator": "zero-shot", "dataset": "arc", "metric": "accuracy", "dense": 0.5}
+    summary["dense"].append(accuracy)
+    for i, cell in enumerate(summary["cells"]):
+        cell["metrics"].append({**accuracy, "compressed": 0.4 - 0.05 * i})
+    (tmp_path / "runs" / "s").mkdir(parents=True)
+    (tmp_path / "runs" / "s" / "sweep.json").write_text(json.dumps(summary))
+    (tmp_path / "profiles").mkdir()
+
+    async def flow():
+        app = WorkbenchApp(tmp_path / "profiles", tmp_path / "runs")
+        async with app.run_test(size=(120, 30)) as pilot:
+            await pilot.press("3")
+            await pilot.pause()
+            await pilot.press("enter")
+            await pilot.pause()
+            assert isinstance(app.screen, SweepScreen)
+            chart = app.screen.query_one(SweepChart)
+            seen = [chart.key]
+            for _ in range(2):
+                await pilot.press("m")
+                await pilot.pause()
+                seen.append(chart.key)
+            return seen
+
+    seen = asyncio.run(flow())
+    assert seen == [("perplexity", "corpus.txt", "perplexity"), ("zero-shot", "arc", "accuracy"),
+                    ("perplexity", "corpus.txt", "perplexity")]
+
+
 def test_the_terminal_summary_shows_the_pivot_and_every_cell():
     from rich.console import Console
 
