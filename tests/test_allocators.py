@@ -199,6 +199,56 @@ def test_rebalance_caps_v_and_returns_the_overflow():
     assert total_cost(groups, ranks) - total_cost(groups, new) < 128
 
 
+def _rebalance_one_rank_at_a_time(groups, ranks, beta):
+    """The rebalance as first written (one V rank per loop step): the reference the fast one must equal."""
+    from workbench.api import fill_to_budget
+
+    ranks = dict(ranks)
+    donors = [g for g in groups if g.matrix_type in ("q_proj", "k_proj")]
+    takers = [g for g in groups if g.matrix_type == "v_proj"]
+    before = total_cost(donors, ranks)
+    for g in donors:
+        ranks[g.key] = max(1, round((1 - beta) * ranks[g.key]))
+    left = before - total_cost(donors, ranks)
+    added = {g.key: 0 for g in takers}
+    while True:
+        open_ = [g for g in takers if ranks[g.key] < g.max_rank
+                 and rank_cost(g, ranks[g.key] + 1) - rank_cost(g, ranks[g.key]) <= left]
+        if not open_:
+            break
+        g = min(open_, key=lambda g: (added[g.key], g.key))
+        left -= rank_cost(g, ranks[g.key] + 1) - rank_cost(g, ranks[g.key])
+        ranks[g.key] += 1
+        added[g.key] += 1
+    ranks.update(fill_to_budget(donors, {g.key: ranks[g.key] for g in donors}, total_cost(donors, ranks) + left))
+    return ranks
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_rebalance_in_whole_rounds_equals_one_rank_at_a_time(seed):
+    """Random GQA-like layouts (V groups of 1 or 2 layers, some near their max_rank): same ranks exactly."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    hidden, kv = pick(24, 64), pick(8, 32)
+    groups, ranks = [], {}
+    layer, depth = 0, pick(3, 8)
+    while layer < depth:
+        n = pick(1, 2)
+        layers = tuple(range(layer, layer + n))
+        for mtype, out in (("q_proj", hidden), ("k_proj", kv), ("v_proj", kv)):
+            key = f"{mtype}@{layer}"
+            g = GroupSpectrum(key, mtype, layers, hidden, out, torch.ones(min(hidden, n * out), dtype=torch.float64))
+            groups.append(g)
+            ranks[key] = pick(1, g.max_rank)
+        layer += n
+    beta = [0.1, 0.3, 0.5, 0.9][seed % 4]
+    fast, _ = rebalance_qk_to_v(groups, ranks, beta)
+    assert fast == _rebalance_one_rank_at_a_time(groups, ranks, beta)
+
+
 def test_protect_first_keeps_layer_zero_dense(calibrated):
     registry, cal = calibrated
     ranks = allocate(registry.allocators["protect-first"], "protect-first", cal.spectra, budget_for(cal.spectra, 0.3), {})

@@ -140,6 +140,13 @@ def rebalance_qk_to_v(groups: Sequence[GroupSpectrum], ranks: Mapping[str, int],
                  and rank_cost(g, ranks[g.key] + 1) - rank_cost(g, ranks[g.key]) <= left]
         if not open_:
             break
+        rounds = _whole_rounds(open_, ranks, added, left)
+        if rounds:  # the same ranks as `rounds` × len(open_) single steps, without the Python loop
+            for g in open_:
+                ranks[g.key] += rounds
+                added[g.key] += rounds
+            left -= rounds * sum(g.omega for g in open_)
+            continue
         g = min(open_, key=lambda g: (added[g.key], g.key))
         left -= rank_cost(g, ranks[g.key] + 1) - rank_cost(g, ranks[g.key])
         ranks[g.key] += 1
@@ -149,6 +156,17 @@ def rebalance_qk_to_v(groups: Sequence[GroupSpectrum], ranks: Mapping[str, int],
     ranks.update(back)
     returned = total_cost(donors, ranks) - (before - freed)
     return ranks, {"beta": beta, "moved_params": freed - left, "returned_params": returned}
+
+
+def _whole_rounds(open_: Sequence[GroupSpectrum], ranks: Mapping[str, int], added: Mapping[str, int],
+                  left: int) -> int:
+    """Full rounds of the round-robin that can be taken at once: while every open group has had as
+    many ranks added, each round gives each one rank at its ω (below max_rank − 1, a rank costs ω;
+    the step to max_rank costs the rest of the dense matrix), so t rounds cost t·Σω."""
+    if len({added[g.key] for g in open_}) != 1:
+        return 0
+    room = min(g.max_rank - 1 - ranks[g.key] for g in open_)
+    return max(0, min(room, left // sum(g.omega for g in open_)))
 
 
 class DRankRebalancedAllocator(Allocator):
