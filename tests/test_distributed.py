@@ -114,6 +114,19 @@ def model_tensors(out: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def resume_and_compare(profile: Path, out: Path, reference: Path) -> None:
+    """Resume a stopped two-process job into `out`: it must say it resumed and equal `reference` bit for bit
+    (same shares, same sums)."""
+    resumed = finish(start_job(profile, out, 2, "--resume"))
+    assert [code for code, _, _ in resumed] == [0, 0], [r[2][-1500:] for r in resumed]
+    rep, ref = report(out), report(reference)
+    assert rep.get("resumed_from_checkpoint"), "the second run did not resume"
+    assert ranks(rep) == ranks(ref)
+    assert metric_values(rep) == metric_values(ref)
+    a, b = model_tensors(out), model_tensors(reference)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     """A tiny Llama (4 layers, groups of 2, the Fisher-based default allocator) run in one process and
@@ -257,14 +270,7 @@ def test_sigterm_to_one_process_stops_every_process_with_130_and_resume_matches(
     assert not out.exists()  # nothing published
     assert (root / "stopped.work" / "state.json").is_file()  # process 0 kept the checkpoint
 
-    resumed = finish(start_job(profile, out, 2, "--resume"))
-    assert [code for code, _, _ in resumed] == [0, 0], [r[2][-1500:] for r in resumed]
-    rep, two = report(out), report(root / "two")
-    assert rep.get("resumed_from_checkpoint"), "the second run did not resume"
-    assert ranks(rep) == ranks(two)
-    assert metric_values(rep) == metric_values(two)  # same shares, same sums: bit for bit
-    a, b = model_tensors(out), model_tensors(root / "two")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resume_and_compare(profile, out, root / "two")
     assert not (root / "stopped.work").exists()
 
 
@@ -337,11 +343,4 @@ def test_a_disk_offload_job_stopped_mid_calibration_resumes_to_the_same_answer(o
     results = finish(procs)
     assert [code for code, _, _ in results] == [130, 130], [r[2][-1500:] for r in results]
     assert not out.exists()
-    resumed = finish(start_job(profile, out, 2, "--resume"))
-    assert [code for code, _, _ in resumed] == [0, 0], [r[2][-1500:] for r in resumed]
-    rep, two = report(out), report(root / "two")
-    assert rep.get("resumed_from_checkpoint"), "the second run did not resume"
-    assert ranks(rep) == ranks(two)
-    assert metric_values(rep) == metric_values(two)  # same shares, same sums: bit for bit
-    a, b = model_tensors(out), model_tensors(root / "two")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resume_and_compare(profile, out, root / "two")
