@@ -469,12 +469,11 @@ class Assemble(Stage):
 
             ctx.dense_weights = dense_weights(ctx.model, ctx.adapter, ctx.plans)
         if ctx.offload is not None:  # layer by layer; each finished layer written to the staging directory
+            from workbench.engine.distributed import is_leader
             from workbench.engine.offload import assemble_offloaded
 
-            from workbench.run.distributed import current
-
-            p = current()  # under torchrun only process 0 stages the output; the others keep their layers privately
-            folder = ctx.output() / OFFLOAD_LAYERS if p is None or p.leader else _private_folder("layers")
+            # under torchrun only process 0 stages the output; the others keep their layers privately
+            folder = ctx.output() / OFFLOAD_LAYERS if is_leader() else _private_folder("layers")
             ctx.table = assemble_offloaded(ctx.offload, ctx.model, ctx.adapter, ctx.plans, cal.factors, ctx.ranks,
                                            cal.spectra, folder, ctx.cancel.check)
         else:
@@ -590,11 +589,10 @@ class EvaluateCompressed(Stage):
 
     def run(self, ctx):
         ctx.compressed_results = evaluate_all(ctx, "compressed")
-        from workbench.run.distributed import current
+        from workbench.engine.distributed import is_leader
 
-        p = current()
-        if ctx.offload is not None and (p is None or p.leader):  # the compressed layers' homes (the output has
-            import shutil                                         # its own shards; other processes' go at exit)
+        if ctx.offload is not None and is_leader():  # the compressed layers' homes (the output has its own
+            import shutil                           # shards; other processes' go at exit)
 
             shutil.rmtree(ctx.output() / OFFLOAD_LAYERS, ignore_errors=True)
 
