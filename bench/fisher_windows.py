@@ -28,6 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from workbench.engine.allocation import budget_for
+    from workbench.engine.calibration import resolve_gram_precision
     from workbench.engine.compress import allocate, assemble, calibrate
     from workbench.engine.grouping import plan_groups
     from workbench.engine.sensitivity import put_signals
@@ -47,7 +48,8 @@ def main() -> None:
     windows = calibration_windows(loaded.tokenizer, "embedded:wiki-vital", max(32, counts[-1]), 512, 0)
     eval_ids = evaluation_tokens(loaded.tokenizer, "embedded:wiki-vital")
     start = time.perf_counter()
-    cal = calibrate(loaded.model, adapter, plans, windows, cpu, EventBus(), CancelToken())
+    cal = calibrate(loaded.model, adapter, plans, windows, cpu, EventBus(), CancelToken(),
+                    gram_precision=resolve_gram_precision("auto", cpu))  # as a run on this device would
     print(json.dumps({"calibrate_s": round(time.perf_counter() - start, 1)}), flush=True)
     sums: dict[str, torch.Tensor] = {}
     done = 0

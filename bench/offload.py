@@ -2,8 +2,8 @@
 
 Builds a random Llama with hidden 4096, MLP 11008, 32 heads (multi-head, as LLaMA-7B) and a few
 decoder layers, saves it as safetensors shards (with a small BPE tokenizer and a text corpus), then
-compresses it once per offload mode, each run in its own subprocess: peak RSS (the child's
-`resource.getrusage(RUSAGE_SELF).ru_maxrss`), wall time, per-layer calibration time (between the
+compresses it once per offload mode, each run in its own subprocess: peak RSS (the child's own
+VmHWM), wall time, per-layer calibration time (between the
 first and the last layer's progress events, so with 2 layers or more) and the ranks (which must be
 equal). It prints the goal's bound beside the measurements:
 
@@ -12,7 +12,7 @@ equal). It prints the goal's bound beside the measurements:
 and the same bound plus what a bare process holding the libraries costs (measured here too), plus,
 for reference, the factors kept for allocation (4·P_t: held in memory under "none", spilled to the
 work directory and mapped back under "disk") and the factoring transient the bound leaves out
-(whitening the widest input: its Gram and L, 2·8·m² bytes).
+(down_proj's stacked weights, whitened matrix and SVD vectors, about 6·8·d·m bytes).
 
     .venv/bin/python bench/offload.py                      # 2 layers, 8 × 128 tokens, float32 (a few minutes)
     .venv/bin/python bench/offload.py --layers 4 --samples 16 --seq-len 256 --out bench/results
@@ -41,8 +41,23 @@ WORDS = ("the cat dog runs fast slow red blue green house tree river stone light
          "city field rain sun moon star sings reads writes falls rises").split()
 
 # What one run does in its own process: the pipeline, then its own peak RSS and the report's figures.
-CHILD = r"""
-import json, resource, sys, time
+# The child's own peak: /proc/self/status's VmHWM belongs to the process's memory map since exec.
+# (ru_maxrss does not: Linux carries it over fork and exec, so a child would report at least the
+# parent's RSS when it was forked, the model this script built included.)
+PEAK = r"""
+import resource
+def peak_rss():
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+"""
+CHILD = PEAK + r"""
+import json, sys, time
 from workbench.events import EventBus
 from workbench.profile.schema import load_profile
 from workbench.run.pipeline import run
@@ -54,15 +69,15 @@ start = time.perf_counter()
 report = run(load_profile(sys.argv[1]), force=True, events=EventBus([listen]))
 wall = time.perf_counter() - start
 per_layer = (layer_done[-1] - layer_done[0]) / (len(layer_done) - 1) if len(layer_done) > 1 else None
-print("RESULT " + json.dumps({"wall_s": wall, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print("RESULT " + json.dumps({"wall_s": wall, "peak_rss_bytes": peak_rss(),
                               "timings": report["timings"], "calibrate_s_per_layer": per_layer,
                               "ranks": [[r["group"], r["rank"]] for r in report["ranks"]]}))
 """
-BASELINE = r"""
-import json, resource
+BASELINE = PEAK + r"""
+import json
 import torch, transformers, accelerate, safetensors, workbench.run.pipeline, workbench.registry
 workbench.registry.get_registry()
-print("RESULT " + json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print("RESULT " + json.dumps({"peak_rss_bytes": peak_rss()}))
 """
 
 
@@ -111,6 +126,7 @@ offload = "{offload}"
 dataset = "{corpus}"
 samples = {args.samples}
 seq_len = {args.seq_len}
+batch_size = {args.batch_size}
 [compression]
 ratio = 0.2
 allocator = "drank"
@@ -140,7 +156,7 @@ def bound(shapes: dict, args) -> dict:
     targeted = 4 * d * d + 3 * d * m
     factors = 4 * targeted * shapes["layers"]  # float32 factors kept for allocation, at most 4·P_t
     return {"layer_weights": weights, "inputs": inputs, "grams": grams, "bound": int(1.2 * (weights + inputs + grams)),
-            "factors_all_layers": factors, "factoring_transient_min": 2 * 8 * m * m}
+            "factors_all_layers": factors, "factoring_transient_min": 6 * 8 * d * m}
 
 
 def main() -> None:
@@ -148,14 +164,17 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8, help="[calibration] batch_size: sequences per layer pass")
     parser.add_argument("--modes", nargs="+", default=["none", "disk"])
     parser.add_argument("--no-save", action="store_true", help="do not save the compressed model")
     parser.add_argument("--tiny", action="store_true", help="hidden 256, MLP 688, 4 heads: a smoke test of the script")
+    parser.add_argument("--half", action="store_true",
+                        help="hidden 2048, MLP 5504, 16 heads: half LLaMA-7B's widths, a quarter of its memory, for quick comparisons")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="folder for offload.json (default: print only)")
     args = parser.parse_args()
 
-    hidden, mlp, heads = (256, 688, 4) if args.tiny else (4096, 11008, 32)
+    hidden, mlp, heads = (256, 688, 4) if args.tiny else (2048, 5504, 16) if args.half else (4096, 11008, 32)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="workbench-offload-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -179,16 +198,18 @@ def main() -> None:
     same = len({json.dumps(r["ranks"]) for r in runs.values()}) == 1
     result = {"date": str(date.today()), "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "shapes": shapes, "samples": args.samples, "seq_len": args.seq_len,
+              "batch_size": args.batch_size,
               "baseline_rss_bytes": baseline["peak_rss_bytes"], "bound": limits, "same_ranks": same, "runs": runs}
     gib = 2 ** 30
     print(f"model: {shapes['layers']} layers of hidden {hidden}, MLP {mlp}, {heads} heads; "
           f"{shapes['params'] / 1e9:.2f} B parameters ({shapes['params'] * 4 / gib:.2f} GiB float32); "
-          f"calibration {args.samples} × {args.seq_len} tokens")
+          f"calibration {args.samples} × {args.seq_len} tokens in batches of {args.batch_size}")
     print(f"bound (one layer {limits['layer_weights'] / gib:.2f} + inputs {limits['inputs'] / gib:.3f} + Grams "
           f"{limits['grams'] / gib:.2f}, +20%): {limits['bound'] / gib:.2f} GiB; with the libraries' "
           f"{baseline['peak_rss_bytes'] / gib:.2f} GiB: {(limits['bound'] + baseline['peak_rss_bytes']) / gib:.2f} GiB; "
           f"factors kept for allocation (spilled under disk): {limits['factors_all_layers'] / gib:.2f} GiB; "
-          f"factoring down_proj adds at least {limits['factoring_transient_min'] / gib:.2f} GiB (not in the bound)")
+          f"factoring down_proj adds about {limits['factoring_transient_min'] / gib:.2f} GiB (stacked weights, whitened "
+          f"matrix, SVD vectors; its L takes its Gram's memory; not in the bound)")
     print("| offload | peak RSS (GiB) | wall (s) | calibrate per layer (s) |\n|---|---|---|---|")
     for mode, r in runs.items():
         per_layer = "–" if r["calibrate_s_per_layer"] is None else f"{r['calibrate_s_per_layer']:.1f}"
@@ -196,7 +217,7 @@ def main() -> None:
     print(f"same ranks: {same}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        name = "offload-tiny.json" if args.tiny else "offload.json"
+        name = "offload-tiny.json" if args.tiny else "offload-half.json" if args.half else "offload.json"
         (args.out / name).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out / name}")
     if not same:

@@ -335,3 +335,14 @@ def test_a_run_on_a_model_with_a_nan_weight_exits_1_naming_layer_and_site(tmp_pa
     assert result.exit_code == 1, result.output
     assert "layer 1, mlp.down_proj: NaN or Inf in the weight (1 of 8192 values)" in result.output
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_non_finite_values_are_counted_slice_by_slice(monkeypatch):
+    from workbench.engine import numerics
+
+    monkeypatch.setattr(numerics, "FINITE_ROWS", 3)  # 10 rows: slices of 3, 3, 3 and 1
+    gram = torch.ones(10, 7, dtype=torch.float64)
+    assert numerics.all_finite(gram) and numerics._bad_count(torch.tensor(2.0)) == 0
+    gram[0, 1], gram[4, 6], gram[9, 0] = float("nan"), float("inf"), -float("inf")
+    assert numerics._bad_count(gram) == 3 and not numerics.all_finite(gram)
+    assert numerics._bad_count(torch.tensor([1.0, float("nan")])) == 1  # a bias

@@ -238,3 +238,31 @@ def test_load_compressed_asks_for_an_offload_folder_when_max_memory_needs_disk(r
     _, out = runs["none"]
     with pytest.raises(UsageError, match="offload_folder"):
         load_compressed(out, max_memory={"cpu": 200_000})
+
+
+def test_offload_fixes_glibcs_mmap_threshold_and_is_harmless_without_glibc(monkeypatch):
+    import ctypes
+
+    from workbench.engine import offload
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    assert offload.return_freed_host_memory() and calls == [(-3, offload.MMAP_THRESHOLD)]
+
+    def missing(name):
+        raise OSError("no such library")
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert offload.return_freed_host_memory() is False
+
+    class NoMallopt:
+        pass
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: NoMallopt())
+    assert offload.return_freed_host_memory() is False

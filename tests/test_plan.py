@@ -49,11 +49,12 @@ def test_the_terms_by_hand():
     assert est.grams == 8 * (8 * 8 + 16 * 16) == 2560
     # break-even ranks: 8×8 → min(8, 8, ⌊64/16⌋) = 4; 16→8 → min(16, 8, ⌊128/24⌋) = 5
     assert est.factors == 4 * (4 * (8 + 8) + 5 * (16 + 8)) == 736
-    # factoring the down group: 2·8·16² + 6·8·8·16 = 10240 > forward 3·2·8·16 + 8·8·16 = 1792
-    assert est.transient == 10240
+    # factoring the down group: L, 8·16² (below the in-place width), + 6·8·8·16 = 8192 > forward 3·2·8·16 + 8·8·16
+    assert est.transient == 8192
     assert est.model_file == 2 * (1000 - 96) + MODEL_EXTRAS
     assert est.checkpoint == 736 + 2560 + 2 * 256 == 3808
-    assert est.memory == 384 + 2560 + 736 + 10240
+    assert est.memory == 384 + 2560 + 736 + 8192
+
     # fisher: 4 bytes · 4 tokens · (3·10 + 2 layers · (20·8 + 4·16))
     assert fisher_activations(SMALL) == 4 * 4 * (30 + 2 * 224) == 7648
     assert fisher_activations(replace(SMALL, fisher=False)) == 0
@@ -63,20 +64,20 @@ def test_each_mode_places_the_terms_by_hand(monkeypatch):
     base = HOST_BASE + IDS
     none, cpu, disk = (setting(SMALL, mode) for mode in ("none", "cpu", "disk"))
     # none: everything on the device (weights 2000); the host holds the interpreter and the token ids
-    assert none.phases["calibration"].device == 2000 + 384 + 2560 + 736 + 10240 == 15920
+    assert none.phases["calibration"].device == 2000 + 384 + 2560 + 736 + 8192 == 13872
     assert none.phases["fisher"].device == 2000 + 736 + 7648
     assert none.phases["evaluation"].device == 2000 + 2 * 4 * 8 * 10  # logits and log-softmax, float32
-    assert (none.device, none.host) == (15920, base)
+    assert (none.device, none.host) == (13872, base)
     # offload: one layer (2·300 = 600) and one batch in + out (2·24·2·4 = 384) on the device
-    assert cpu.phases["calibration"].device == disk.phases["calibration"].device == 600 + 384 + 2560 + 10240
+    assert cpu.phases["calibration"].device == disk.phases["calibration"].device == 600 + 384 + 2560 + 8192
     assert cpu.phases["calibration"].host == base + 2000 + 384 + 736 + 2560  # weights, inputs, factors, Grams
     # "disk": one layer, Grams and inputs; the factors are spilled to the work directory (disk)
     assert disk.phases["calibration"].host == base + 600 + 2560 + 384
     # fisher under offload runs only where the host is the device: its activations beside the host's share
     assert cpu.phases["fisher"] == Need(7648, cpu.phases["calibration"].host)
     assert disk.phases["evaluation"].host == base + 600
-    assert (cpu.device, cpu.host) == (13784, base + 5680)
-    assert (disk.device, disk.host) == (13784, base + 3544)
+    assert (cpu.device, cpu.host) == (11736, base + 5680)
+    assert (disk.device, disk.host) == (11736, base + 3544)
     assert none.disk == cpu.disk == 3808 + 1808 + MODEL_EXTRAS
     assert disk.disk == none.disk + 736  # the spilled factors
     assert none.whole_model == ("fisher",)
@@ -86,7 +87,7 @@ def test_processes_split_the_inputs_but_each_holds_its_grams_and_every_factor():
     base = 2 * HOST_BASE + IDS
     none, cpu, disk = (setting(SMALL, mode, 2) for mode in ("none", "cpu", "disk"))
     # 2 of the 4 windows each (192 bytes of inputs); the factors are gathered into every process
-    assert none.phases["calibration"].device == 2000 + 192 + 2560 + 736 + 10240
+    assert none.phases["calibration"].device == 2000 + 192 + 2560 + 736 + 8192
     assert none.phases["calibration"].host == base
     assert cpu.phases["calibration"].host == base + 2 * (2000 + 736 + 2560) + 384
     assert disk.phases["calibration"].host == base + 2 * (600 + 2560) + 384
@@ -112,12 +113,12 @@ def test_verdict_and_the_least_offload_that_fits():
     roomy = Machine(host=10 * HOST_BASE, disk=10**9, gpus=(10**6,), gpu_names=("gpu",))
     assert verdict(setting(s, "none"), roomy) is None
     assert verdict(setting(s, "none", 2), roomy) == "needs 2 GPUs, 1 here"
-    small_gpu = replace(roomy, gpus=(14_000,))  # offload's 13784 fits, none's 15920 does not
+    small_gpu = replace(roomy, gpus=(12_000,))  # offload's 11736 fits, none's 13872 does not
     assert verdict(setting(s, "none"), small_gpu) == "device memory"
     assert choose_offload(s, small_gpu).offload == "cpu"
     assert verdict(setting(s, "cpu"), replace(small_gpu, disk=100)) == "disk"
     # no GPU: the compute device is the host, so its figures add up
-    cpu_only = Machine(host=HOST_BASE + IDS + 15920 - 1, disk=10**9)
+    cpu_only = Machine(host=HOST_BASE + IDS + 13872 - 1, disk=10**9)
     assert verdict(setting(s, "none"), cpu_only) == "host memory"
     assert verdict(setting(s, "none"), replace(cpu_only, host=cpu_only.host + 1)) is None
     assert choose_offload(s, Machine(host=0, disk=10**9)) is None
@@ -273,3 +274,11 @@ def test_preflight_names_the_offload_that_fits_and_checks_an_offload_run_by_the_
     with pytest.raises(UsageError) as caught:
         check(est, Path("o"), cpu, True, disk=roomy_disk, memory=lambda _: 30 * GB)
     assert "offload" not in str(caught.value)
+
+
+def test_a_wide_input_read_by_one_group_is_factored_in_its_grams_memory():
+    wide = Shapes(**{**SMALL.__dict__, "groups": [("attn_in", 1, 8, 8), ("attn_in", 1, 8, 8), ("down_in", 1, 4096, 8)]})
+    # down: L takes its Gram's memory, so only the SVD's terms; the attn_in groups (two readers) keep 8·in²
+    assert estimate(wide).transient == 6 * 8 * 8 * 4096
+    shared = Shapes(**{**wide.__dict__, "groups": [("attn_in", 1, 8, 8), ("down_in", 2, 4096, 8)]})
+    assert estimate(shared).transient == 8 * 4096 ** 2 + 6 * 8 * 2 * 8 * 4096  # the summed Gram, then L in it

@@ -521,6 +521,7 @@ _GOOD = {
     "samples": st.integers(1, 10**6),
     "seq_len": st.integers(8, 10**6),
     "seed": st.integers(0, 2**32 - 1),
+    "batch_size": st.integers(1, 64),
     "ratio": st.floats(0, 1, exclude_max=True) | st.integers(0, 0),
     "group_size": st.integers(1, 8) | st.dictionaries(_NAMES, st.integers(1, 8), max_size=2),
     "targets": st.lists(_NAMES, min_size=1, max_size=3),
@@ -533,7 +534,7 @@ _GOOD = {
 }
 _KEYS = {
     "model": ["source", "dtype", "device", "sourc"],
-    "calibration": ["dataset", "samples", "seq_len", "seed"],
+    "calibration": ["dataset", "samples", "seq_len", "seed", "batch_size"],
     "compression": ["ratio", "group_size", "targets", "ignore", "whitening"],
     "output": ["dir", "save_model"],
 }

@@ -332,6 +332,29 @@ def test_walk_b_the_reducer_sees_every_statistic_before_factoring(dense_setup):
                               2 ** 0.5 * plain.factors[plan.key].singular_values.double(), rtol=1e-5)
 
 
+def test_walk_each_input_groups_last_reader_factors_its_gram_in_place_with_the_same_result(dense_setup, monkeypatch):
+    from workbench.engine import whitening
+
+    model, adapter, plans, ids = dense_setup
+    before = calibrate(model, adapter, plans, ids, CPU, EventBus(), CancelToken())
+    monkeypatch.setattr(whitening, "IN_PLACE_FROM", 16)  # every input of the tiny model is wide enough
+    monkeypatch.setattr(whitening, "BLOCK", 8)
+    owners = []
+    real = whitening._cholesky_in_place
+    monkeypatch.setattr(whitening, "_cholesky_in_place", lambda gram, block: owners.append(gram.shape) or real(gram, block))
+    after = calibrate(model, adapter, plans, ids, CPU, EventBus(), CancelToken())
+    # one Gram per input group and layer (attn_in, o_in, mlp_in, mlp_out), each by its last reader only
+    groups = {p.site.input_group for p in plans}
+    assert len(owners) == 3 * len(groups) and len(groups) < len(plans)
+    assert len(after.whitening) == len(plans) and all(e["method"] == "cholesky" for e in after.whitening)
+    for key, f in after.factors.items():
+        ref = before.factors[key]
+        assert torch.allclose(f.singular_values, ref.singular_values, rtol=1e-9), key
+        q, p = f.factors(4, torch.float64)
+        q0, p0 = ref.factors(4, torch.float64)
+        assert torch.allclose(q[0] @ p, q0[0] @ p0, rtol=1e-4, atol=1e-5 * float((q0[0] @ p0).abs().max())), key
+
+
 def test_walk_c_a_placement_sees_each_layer_go_on_and_off_the_device(dense_setup):
     model, adapter, plans, ids = dense_setup
     model = copy.deepcopy(model)
@@ -437,3 +460,39 @@ def test_compress_seconds_sum_the_stages_marked_compress():
     assert compress_seconds(ctx) == sum(1.0 for s in stages if s.compress)
     assert {s.name for s in stages if s.compress} == {"calibrate", "sensitivity", "allocate", "assemble",
                                                      "compensate", "recover"}
+
+
+def test_calibration_batch_size_sets_the_walks_batches_and_the_plans_forward_term(tiny_workspace, tmp_path, monkeypatch):
+    from workbench.engine import walk as walk_module
+    from workbench.run.plan import setting
+    from workbench.run.preflight import shapes_of
+
+    captured = []
+    real = walk_module.capture_layer_inputs
+
+    def spying(model, first_layer, windows, batch_size, device, check):
+        captured.append(batch_size)
+        return real(model, first_layer, windows, batch_size, device, check)
+
+    monkeypatch.setattr(walk_module, "capture_layer_inputs", spying)
+    reports = {}
+    for size in (8, 3):
+        text = tiny_profile(tiny_workspace, tmp_path / f"out{size}", samples=8).replace(
+            "seq_len = 32\n[compression]", f"seq_len = 32\nbatch_size = {size}\n[compression]")
+        profile = parse_profile(text, str(tmp_path / f"p{size}.toml"))
+        assert profile.calibration.batch_size == size
+        reports[size] = run(profile, force=True)
+    assert captured == [8, 3]
+    assert [r["rank"] for r in reports[3]["ranks"]] == [r["rank"] for r in reports[8]["ranks"]]  # rounding only
+    model = tiny_llama(layers=2)
+    registry = load_registry(strict=True)
+    adapter = registry.adapter_for(model)
+    plans = plan_groups(model, adapter, None, [], lambda t: 1)
+    small = parse_profile("[calibration]\nbatch_size = 1\n", str(tmp_path / "s.toml"))
+    large = parse_profile("[calibration]\nbatch_size = 32\n", str(tmp_path / "l.toml"))
+    forward = [shapes_of(model, plans, p, 10**6).batch for p in (small, large)]
+    assert forward == [1, 32]
+    # under offload one batch in and out is on the device: 32 sequences hold more than 1
+    on_device = [setting(shapes_of(model, plans, p, 10**6, adapter), "cpu").phases["calibration"].device
+                 for p in (small, large)]
+    assert on_device[0] < on_device[1]

@@ -125,7 +125,7 @@ def test_compact_drops_the_whitening_factor_but_keeps_the_factors(method):
     f = whitened_svd([w], x.T @ x, keep=16, method=method)
     qs, p = f.factors(4, dtype=torch.float64)
     f.compact(torch.float32)
-    assert f.whitening.factor.numel() == 0 and f.whitening._pinv_half is None
+    assert f.whitening.factor.numel() == 0 and f.whitening._root is None and f.whitening._inverse_root is None
     assert (f.whitening.method, f.u.dtype, f.vt_linv.dtype) == (method, torch.float32, torch.float32)
     qs32, p32 = f.factors(4, dtype=torch.float64)
     assert torch.allclose(qs32[0] @ p32, qs[0] @ p, rtol=1e-5, atol=1e-6 * float((qs[0] @ p).abs().max()))
@@ -153,3 +153,154 @@ def test_factoring_a_shared_group_leaves_each_layers_gram_as_it_was():
     expected = torch.linalg.svdvals(torch.cat([layers[i]["proj"].weight.double() for i in range(2)])
                                     @ torch.linalg.cholesky(before[("in", 0)] + before[("in", 1)]))
     assert torch.allclose(shared.singular_values, expected, rtol=1e-10)
+
+
+# ------------------------------------------------------------------ factoring a spent Gram in place
+
+
+def _wide_gram(n, tokens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, n, generator=g, dtype=torch.float64) * torch.logspace(0, 3, n, dtype=torch.float64)
+    gram = x.T @ x
+    return (gram + gram.T) / 2  # exactly symmetric, as the walk's Grams are (`symmetrize`)
+
+
+@pytest.mark.parametrize("n,block", [(37, 8), (40, 8), (64, 64), (50, 100)])
+def test_in_place_cholesky_equals_lapack_and_leaves_the_upper_blocks_alone(n, block):
+    from workbench.engine.whitening import _blocks, _cholesky_in_place
+
+    gram = _wide_gram(n, 3 * n)
+    work = gram.clone()
+    assert _cholesky_in_place(work, block) == 0
+    reference = torch.linalg.cholesky(gram)
+    assert torch.allclose(work.tril(), reference, rtol=1e-10, atol=1e-12 * float(reference.abs().max()))
+    spans = _blocks(n, block)
+    for a, (r0, r1) in enumerate(spans):
+        for c0, c1 in spans[a + 1:]:
+            assert torch.equal(work[r0:r1, c0:c1], gram[r0:r1, c0:c1])
+
+
+def _overwriting(monkeypatch):
+    from workbench.engine import whitening
+
+    monkeypatch.setattr(whitening, "IN_PLACE_FROM", 16)
+    monkeypatch.setattr(whitening, "BLOCK", 8)
+
+
+def test_an_overwritable_gram_becomes_its_own_factor(monkeypatch):
+    _overwriting(monkeypatch)
+    gram = _wide_gram(30, 90)
+    reference = torch.linalg.cholesky(gram)
+    work = gram.clone()
+    white = whitening_factor(work, "cholesky", overwrite=True)
+    assert white.in_place and not white.fell_back and white.method == "cholesky"
+    assert white.factor.data_ptr() == work.data_ptr()  # no second in×in matrix
+    assert torch.allclose(white.factor, reference, rtol=1e-10, atol=1e-12 * float(reference.abs().max()))
+    kept = whitening_factor(gram.clone(), "cholesky")  # without overwrite: LAPACK on a copy, as before
+    assert not kept.in_place and torch.equal(kept.factor, reference)
+
+
+@pytest.mark.parametrize("case", ["singular", "rounding-level pivots"])
+def test_a_failed_in_place_cholesky_gives_the_gram_back_exactly_for_the_eigen_route(monkeypatch, case):
+    _overwriting(monkeypatch)
+    if case == "singular":  # 12 tokens in 30 dimensions: a pivot fails
+        gram = _wide_gram(30, 12)
+    else:  # positive definite, but a pivot ~1e-9 of the largest
+        gram = _wide_gram(30, 90)
+        gram[20, :] *= 1e-9
+        gram[:, 20] *= 1e-9
+    from workbench.engine import whitening
+
+    seen = []
+    real = whitening._eigen
+    monkeypatch.setattr(whitening, "_eigen", lambda g, reason, overwrite=False: seen.append(g.clone()) or real(g, reason, overwrite))
+    work = gram.clone()
+    white = whitening_factor(work, "cholesky", overwrite=True)
+    assert white.method == "eigen" and white.fell_back and white.in_place
+    assert torch.equal(seen[0], gram)  # restored bit for bit before the eigen route read it
+    assert white.factor.data_ptr() == work.data_ptr()  # and the eigenvectors took its memory
+    expected = whitening_factor(gram.clone(), "eigen")
+    assert white.rank == expected.rank and torch.equal(white.factor, expected.factor)
+    assert torch.equal(white._root, expected._root) and torch.equal(white._inverse_root, expected._inverse_root)
+
+
+def _one_layer_group(width=24, out=20, tokens=80, seed=9):
+    from torch import nn
+
+    from workbench.api import Site
+    from workbench.engine.grouping import GroupPlan
+    from workbench.engine.walk import LayerStatistics
+
+    g = torch.Generator().manual_seed(seed)
+    layers = nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(width, out, bias=False)})])
+    x = torch.randn(tokens, width, generator=g, dtype=torch.float64)
+    plan = GroupPlan("proj@0", Site("proj", "proj", "in"), (0,), width, out)
+    return layers, plan, LayerStatistics({("in", 0): x.T @ x})
+
+
+def test_the_last_reader_of_a_gram_factors_it_in_place_and_frees_it(monkeypatch):
+    from workbench.engine.compress import group_factorer
+    from workbench.events import EventBus
+
+    _overwriting(monkeypatch)
+    factor = group_factorer("cholesky", torch.device("cpu"), EventBus(), full_factors=True)
+    layers, plan, stats = _one_layer_group()
+    gram = stats[("in", 0)].clone()
+    kept, _ = factor(layers, plan, stats)  # nobody said the Gram is spent: left as it was
+    assert torch.equal(stats[("in", 0)], gram)
+    stats.last_reader = {plan.key: [("in", 0)]}
+    spent, entry = factor(layers, plan, stats)
+    assert ("in", 0) not in stats and entry["method"] == "cholesky"
+    assert torch.allclose(spent.singular_values, kept.singular_values, rtol=1e-10)
+    for k in (3, 12):
+        q, p = spent.factors(k, torch.float64)
+        q0, p0 = kept.factors(k, torch.float64)
+        assert torch.allclose(q[0] @ p, q0[0] @ p0, rtol=1e-9, atol=1e-10)
+
+
+def test_a_loss_check_failure_after_an_in_place_cholesky_takes_the_eigen_route_from_l_lt(monkeypatch):
+    from workbench.engine import compress
+
+    _overwriting(monkeypatch)
+    layers, plan, stats = _one_layer_group()
+    gram = stats[("in", 0)].clone()
+    calls = []
+
+    def fails_once(error, tolerance):
+        calls.append(error)
+        return len(calls) == 1
+
+    monkeypatch.setattr(compress, "loss_check_failed", fails_once)
+    f = compress._factor_group(layers, plan, stats, "cholesky", torch.device("cpu"), full=True, spent=[("in", 0)])
+    assert f.whitening.method == "eigen" and "loss check failed" in f.whitening.fallback_reason and len(calls) == 2
+    reference = whitened_svd([layers[0]["proj"].weight], gram, keep=20, method="eigen")
+    assert torch.allclose(f.singular_values, reference.singular_values, rtol=1e-9)
+
+
+def test_last_readers_name_only_statistics_no_later_group_reads():
+    from workbench.api import Site
+    from workbench.engine.grouping import GroupPlan
+    from workbench.engine.walk import _last_readers
+
+    def plan(name, group, layers):
+        return GroupPlan(f"{name}@{layers[0]}", Site(name, name, group), tuple(layers), 8, 8)
+
+    q, k, v = plan("q", "attn", [3]), plan("k", "attn", [3]), plan("v", "attn", [3])
+    down = plan("down", "mlp", [3])
+    shared_up = plan("up", "up_in", [2, 3])  # its layer-2 statistic is read by no one after it
+    pending_gate = plan("gate", "up_in", [3, 4])  # still pending after layer 3: reads ("up_in", 3)
+    ready = [q, k, v, down, shared_up]
+    readers = _last_readers(ready, ready + [pending_gate])
+    assert readers == {"v@3": [("attn", 3)], "down@3": [("mlp", 3)], "up@2": [("up_in", 2)]}
+
+
+@pytest.mark.parametrize("method", ["cholesky", "eigen"])
+def test_right_inverse_in_place_by_row_blocks_equals_the_whole_solve(method):
+    gram = _wide_gram(20, 12 if method == "eigen" else 60)  # the eigen route with a null space
+    white = whitening_factor(gram, method)
+    m = torch.randn(9, 20, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    whole = white.right_inverse(m)
+    work = m.clone()
+    out = white.right_inverse_(work, rows=4)  # blocks of 4, 4 and 1 rows
+    assert out.data_ptr() == work.data_ptr()
+    assert torch.allclose(out, whole, rtol=1e-12, atol=1e-12 * float(whole.abs().max()))

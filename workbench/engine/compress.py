@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from workbench.engine.grouping import GroupPlan, module_prefix
 from workbench.engine.lowrank import LowRankLinear, factor_linear
 from workbench.engine.numerics import check_factors, loss_check_failed
 from workbench.engine.state import CalibrationCheckpoint, CalibrationState  # noqa: F401 - CalibrationState re-exported
-from workbench.engine.walk import Factor, GramStatistics, LayerWalk, Strategies
+from workbench.engine.walk import Factor, GramStatistics, LayerWalk, Strategies, spent_by
 from workbench.api import Adapter, Allocator, GroupSpectrum, break_even_rank
 
 # The built-in check (docs/architecture.md), run on every group at half its kept rank: the measured whitened
@@ -39,25 +39,32 @@ def _weights(layers: nn.ModuleList, plan: GroupPlan) -> list[torch.Tensor]:
     return [layers[i].get_submodule(plan.site.path).weight for i in plan.layers]
 
 
-def _factor_group(layers, plan: GroupPlan, grams: dict, method: str, device, full: bool) -> GroupFactors:
+def _factor_group(layers, plan: GroupPlan, grams: dict, method: str, device, full: bool,
+                  spent: Collection = ()) -> GroupFactors:
+    """`spent`: keys of `grams` that nothing reads after this group, so its Gram may become L in place."""
     # a resumed Gram may be on the host; one layer's is used as it is (sum() would copy it: 0.97 GB at
-    # a 7B down_proj, held through the SVD), a shared group's summed into one new matrix
-    parts = [grams[(plan.site.input_group, i)].to(device) for i in plan.layers]
-    gram = parts[0]
+    # a 7B down_proj, held through the SVD), a shared group's summed into one new matrix (its own)
+    keys = [(plan.site.input_group, i) for i in plan.layers]
+    parts = [grams[key].to(device) for key in keys]
+    gram, own = parts[0], keys[0] in spent or parts[0] is not grams[keys[0]]  # spent, or a copy on `device`
     if len(parts) > 1:
-        gram = parts[0].clone()
+        gram, own = parts[0].clone(), True
         for part in parts[1:]:
             gram.add_(part)
     del parts
     weights = _weights(layers, plan)
     full_rank = min(plan.in_features, len(plan.layers) * plan.out_features)
     keep = full_rank if full else break_even_rank(plan.in_features, plan.out_features, len(plan.layers))
-    factors = whitened_svd(weights, gram, keep=keep, method=method)
+    factors = whitened_svd(weights, gram, keep=keep, method=method, overwrite=own)
     k = max(1, factors.u.shape[1] // 2)
     energy = float((factors.singular_values ** 2).sum()) or 1.0
     error = abs(measured_loss(weights, factors, k) - predicted_loss(factors, k)) / energy
     if loss_check_failed(error, LOSS_CHECK_TOLERANCE) and factors.whitening.method == "cholesky":
         # An ill-conditioned Cholesky factor can pass its own test yet whiten badly: use the eigen route.
+        # Factored in place, G survives as L·Lᵀ only: equal to it within the rounding the eigen route drops.
+        if factors.whitening.in_place:
+            white = factors.whitening.factor
+            gram = white @ white.mT
         factors = whitened_svd(weights, gram, keep=keep, method="eigen")
         factors.whitening.fallback_reason = f"loss check failed on Cholesky (relative error {error:.1e})"
         error = abs(measured_loss(weights, factors, k) - predicted_loss(factors, k)) / energy
@@ -71,7 +78,10 @@ def group_factorer(whitening: str, device: torch.device, events: EventBus, full_
     """The walk's factor step: whiten and decompose one complete group, checked, kept compact."""
 
     def factor(layers, plan: GroupPlan, grams: dict) -> tuple[GroupFactors, dict[str, Any]]:
-        f = _factor_group(layers, plan, grams, whitening, device, full_factors)
+        spent = spent_by(grams, plan.key)
+        f = _factor_group(layers, plan, grams, whitening, device, full_factors, spent)
+        for key in spent:  # nothing reads it again: freed now, before the layer's next group is factored
+            grams.pop(key, None)
         if f.whitening.fell_back:
             events.warn("calibrate", f"{plan.key}: {f.whitening.fallback_reason}; used the eigen route")
         entry = {"group": plan.key, "method": f.whitening.method, "rank_of_gram": f.whitening.rank,

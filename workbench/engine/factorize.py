@@ -35,7 +35,7 @@ class GroupFactors:
         self.u = self.u.to(dtype)
         self.vt_linv = self.vt_linv.to(dtype)
         self.whitening = dataclasses.replace(self.whitening, factor=self.whitening.factor.new_empty(0),
-                                             _pinv_half=None)
+                                             _root=None, _inverse_root=None)
         return self
 
     def factors(self, rank: int, dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -73,21 +73,26 @@ def _svd_by_eigh(a: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor
     return s, u, vt
 
 
-def whitened_svd(weights: list[torch.Tensor], gram: torch.Tensor, keep: int, method: str = "cholesky") -> GroupFactors:
-    """SVD of [W⁽¹⁾; …; W⁽ⁿ⁾]·L, keeping the first `keep` components' vectors (all singular values)."""
+def whitened_svd(weights: list[torch.Tensor], gram: torch.Tensor, keep: int, method: str = "cholesky",
+                 overwrite: bool = False) -> GroupFactors:
+    """SVD of [W⁽¹⁾; …; W⁽ⁿ⁾]·L, keeping the first `keep` components' vectors (all singular values).
+
+    `overwrite`: `gram` is not read again by the caller and may become L (`whitening_factor`).
+    """
+    white = whitening_factor(gram, method, overwrite)
     stacked = torch.cat([w.detach().to(device=gram.device, dtype=torch.float64) for w in weights], dim=0)
-    white = whitening_factor(gram, method)
-    a = stacked @ white.factor
+    a = white.apply(stacked)
     del stacked  # n·out × in float64: not needed past this point, freed before the SVD's own buffers
     if a.is_cuda:  # GPU SVD is fast and exact enough; the eigh shortcut pays on CPUs
         u, s, vt = torch.linalg.svd(a, full_matrices=False)
         keep = min(keep, s.numel())
-        u, vt = u[:, :keep], vt[:keep]
+        u, vt = u[:, :keep], vt[:keep].clone()  # its own memory: V_rᵀ becomes V_rᵀL⁻¹ in place below
     else:
         s, u, vt = _svd_by_eigh(a, keep)
         keep = u.shape[1]
-    vt_linv = white.right_inverse(vt)
-    return GroupFactors(s, u.contiguous(), vt_linv.contiguous(), weights[0].shape[0], white)
+    del a  # like the stacked weights: not held while V_rᵀ L⁻¹ is formed
+    vt_linv = white.right_inverse_(vt)
+    return GroupFactors(s, u.contiguous(), vt_linv, weights[0].shape[0], white)
 
 
 # Rows of W_g per block of the loss check: its temporaries are a few blocks of rows × in (float64),
@@ -106,7 +111,7 @@ def measured_loss(weights: list[torch.Tensor], factors: GroupFactors, rank: int)
         for start in range(0, weight.shape[0], CHECK_ROWS):
             rows = weight.detach()[start:start + CHECK_ROWS].to(device=device, dtype=torch.float64)
             rows = rows - q[first + start:first + start + rows.shape[0]] @ p
-            total += float(torch.linalg.vector_norm(rows @ factors.whitening.factor).square())
+            total += float(torch.linalg.vector_norm(factors.whitening.apply(rows)).square())
         first += weight.shape[0]
     return total
 

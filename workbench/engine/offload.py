@@ -85,6 +85,27 @@ def free_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
+# Host allocations from this size are mapped on their own (glibc's M_MMAP_THRESHOLD), so freeing one
+# returns it to the system. glibc raises its threshold to 32 MiB as large blocks are freed, and the
+# Gram, factor and SVD buffers of a layer below that size then stay in the heap, fragmented: measured
+# 0.4 GiB of a 1.7 GiB peak on a half-LLaMA-7B layer under "disk".
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+
+
+def return_freed_host_memory() -> bool:
+    """Under offload, where host memory is what is being saved: fix glibc's mmap threshold at
+    MMAP_THRESHOLD. True when set; False where the C library is not glibc (nothing changes)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
 def choose_offload(requested: str, weights_bytes: int, compute: torch.device,
                    free: Callable[[torch.device], int] = free_bytes) -> str:
     """The offload mode to use. "auto" is the least offload whose weights fit:

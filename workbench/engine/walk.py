@@ -8,7 +8,9 @@
       reduce      Reducer.reduce(i, statistics, tokens): every per-layer statistic passes through here
                   before anything uses it (where an all-reduce across processes goes)
       factor      each group whose last layer is i, from its layers' statistics (the `factor` callable,
-                  run through Reducer.factor_groups, which may share the groups out among processes)
+                  run through Reducer.factor_groups, which may share the groups out among processes);
+                  a statistic that no later group reads may be overwritten and freed by the one
+                  factored last among those reading it (`spent_by`)
       release     Placement.after(i, layer); statistics no pending group needs are freed
       propagate   Propagator.advance(i): the layer's outputs become the next layer's inputs
       after       each after-layer callback gets a `LayerDone` (checkpoint, progress)
@@ -163,6 +165,34 @@ class Strategies:
 # ---------------------------------------------------------------------------------- the driver
 
 
+class LayerStatistics(dict):
+    """The walk's statistics, {(input group, layer): tensor}, and, while a layer's groups are factored,
+    which of them each group is the last to read (`last_reader`: {group key: [statistic keys]})."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_reader: dict[str, list[tuple[str, int]]] = {}
+
+
+def spent_by(stats: dict, key: str) -> tuple[tuple[str, int], ...]:
+    """The statistics that no group reads after group `key`: its factor step may overwrite them, and frees them."""
+    return tuple(getattr(stats, "last_reader", {}).get(key, ()))
+
+
+def _last_readers(ready: Sequence[GroupPlan], pending: Sequence[GroupPlan]) -> dict[str, list[tuple[str, int]]]:
+    """For each ready group (factored in this order), the statistics it is the last to read."""
+    later = {(p.site.input_group, j) for p in pending if p not in ready for j in p.layers}
+    reader: dict[tuple[str, int], str] = {}
+    for plan in ready:
+        for j in plan.layers:
+            reader[(plan.site.input_group, j)] = plan.key
+    out: dict[str, list[tuple[str, int]]] = {}
+    for stat, key in reader.items():
+        if stat not in later:
+            out.setdefault(key, []).append(stat)
+    return out
+
+
 @dataclass
 class LayerDone:
     """What an after-layer callback is told: layer `index` of `last` is done."""
@@ -201,13 +231,13 @@ class LayerWalk:
             for i in plan.layers:
                 needed.setdefault(i, set()).add(plan.site.input_group)
         pending = {plan.key: plan for plan in plans}
-        stats: dict[tuple[str, int], torch.Tensor] = {}
+        stats = LayerStatistics()
         factors: dict[str, GroupFactors] = {}
         report: list[dict[str, Any]] = []
         tokens, start = 0, 0
         if state is not None:
-            start, stats, factors, report, tokens = (state.next_layer, state.grams, state.factors, state.whitening,
-                                                     state.tokens)
+            start, stats, factors, report, tokens = (state.next_layer, LayerStatistics(state.grams), state.factors,
+                                                     state.whitening, state.tokens)
             pending = {k: p for k, p in pending.items() if k not in factors}
         try:
             if start <= last:
@@ -237,7 +267,11 @@ class LayerWalk:
                         tokens = layer_tokens.get(group, tokens)
                     done = []
                     ready = [p for p in pending.values() if p.layers[-1] == i]
-                    results = s.reducer.factor_groups(self.factor, layers, ready, stats)
+                    stats.last_reader = _last_readers(ready, list(pending.values()))
+                    try:
+                        results = s.reducer.factor_groups(self.factor, layers, ready, stats)
+                    finally:
+                        stats.last_reader = {}
                     for plan, (group_factors, entry) in zip(ready, results):
                         factors[plan.key] = group_factors
                         report.append(entry)

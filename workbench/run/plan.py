@@ -31,10 +31,12 @@ allocator may reuse). Host figures add `HOST_BASE` per process for the interpret
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from workbench.api import break_even_rank
+from workbench.engine.whitening import IN_PLACE_FROM
 
 MODES = ("none", "cpu", "disk")  # least offload first: `choose_offload` takes the first that fits
 PROCESSES = (1, 2, 4, 8)
@@ -100,7 +102,12 @@ def estimate(s: Shapes) -> Estimate:
         widest[name] = max(widest.get(name, (0, 0)), (n, fan_in))
     grams = 8 * sum(n * fan_in ** 2 for n, fan_in in widest.values())
     factors = 4 * sum(break_even_rank(i, o, n) * (i + n * o) for _, n, i, o in s.groups)
-    factoring = max(2 * 8 * i * i + 6 * 8 * n * o * i for _, n, i, o in s.groups)
+    # Factoring a group: its whitening factor L (a shared group's summed Gram, then L in its memory), except
+    # where L takes the Gram's own memory (a one-layer group, the only reader of an input from
+    # IN_PLACE_FROM wide), plus the stacked weights, the whitened matrix, U, Vᵀ, VᵀL⁻¹ and the loss check.
+    readers = Counter(name for name, _, _, _ in s.groups)
+    factoring = max((0 if n == 1 and i >= IN_PLACE_FROM and readers[name] == 1 else 8 * i * i) + 6 * 8 * n * o * i
+                    for name, n, i, o in s.groups)
     rows, widest_in = min(s.batch, s.windows) * s.seq_len, max(i for _, _, i, _ in s.groups)
     forward = 3 * b * rows * widest_in + 8 * rows * widest_in  # MLP activations + the Gram hook's float64 copy
     targeted = sum(n * i * o for _, n, i, o in s.groups)

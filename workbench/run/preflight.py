@@ -52,7 +52,7 @@ def shapes_of(model: torch.nn.Module, plans: Sequence, profile, params: int, ada
                   vocab=int(getattr(config, "vocab_size", 0) or 0),
                   intermediate=int(getattr(config, "intermediate_size", 0) or 0),
                   fisher="fisher" in signals, eval_tokens=_evaluation_tokens(profile),
-                  mask_training="ara" in signals, **whole)
+                  mask_training="ara" in signals, batch=profile.calibration.batch_size, **whole)
 
 
 def _count(module: torch.nn.Module) -> int:

@@ -197,11 +197,12 @@ def _resolved_offload(loaded) -> str:
 def _attach_offload(ctx: RunContext) -> None:
     """Under offload: the skeleton's non-layer weights onto the device, each layer's home set
     (workbench/engine/offload.py); what cannot run layer by layer is refused now, before the long work."""
-    from workbench.engine.offload import attach
+    from workbench.engine.offload import attach, return_freed_host_memory
     from workbench.errors import UsageError
 
     devices, weights = ctx.loaded.offload
     ctx.offload = attach(ctx.model, ctx.adapter, devices, weights)
+    return_freed_host_memory()
     where = f"offload = \"{devices.mode}\""
     if Compensate.enabled(ctx.profile):
         raise UsageError(f"[compression] sequential / update run a second walk that {where} does not support yet; "
@@ -314,7 +315,7 @@ class Calibrate(Stage):
         windows, walk = share_calibration(ctx, _offload_walk(ctx))  # under torchrun: this process's share
         ctx.calibrated = calibrate(ctx.model, ctx.adapter, ctx.plans, windows, ctx.loaded.device, ctx.events,
                                    ctx.cancel, whitening=ctx.profile.compression.whitening, checkpoint=ctx.work,
-                                   gram_precision=ctx.gram_precision, **walk)
+                                   gram_precision=ctx.gram_precision, batch_size=c.batch_size, **walk)
 
 
 def _offload_walk(ctx: RunContext) -> dict[str, Any]:
@@ -523,7 +524,7 @@ class Compensate(Stage):
         c = ctx.profile.compression
         section = compensate(ctx.model, ctx.adapter, ctx.plans, ctx.table, ctx.dense_weights, ctx.windows,
                              ctx.loaded.device, ctx.cancel.check, sequential=c.sequential, update=c.update,
-                             ridge=c.ridge, holdout=c.holdout,
+                             ridge=c.ridge, holdout=c.holdout, batch_size=ctx.profile.calibration.batch_size,
                              progress=lambda i, last: ctx.events.progress(self.name, i + 1, last + 1,
                                                                           data={"unit": "layer"}))
         ctx.dense_weights = None
