@@ -380,3 +380,17 @@ def test_fisher_scores_match_the_loss_slope_of_removing_each_component(group_siz
             expected = 0.5 * sum(x * x for x in slopes) / len(slopes)
             assert expected > 0
             assert scores[plan.key][i].item() == pytest.approx(expected, rel=1e-3), (plan.key, i)
+
+
+def test_protect_first_falls_back_when_rank_one_elsewhere_costs_more_than_omega():
+    # Found by the property test above: v groups 8 → 2 have break-even rank 1, where they cost their dense
+    # 16 parameters, not ω = 10; dense first layers left too little for that and the answer went over budget.
+    q = [_spectrum(f"q_proj@{i}", "q_proj", i, 8, 5, [4.0, 2.0, 1.0, 0.5, 0.25]) for i in range(4)]
+    v = [_spectrum(f"v_proj@{i}", "v_proj", i, 8, 2, [3.0, 1.0]) for i in range(4)]
+    groups = q + v
+    budget = sum(rank_cost(g, g.max_rank) for g in groups if g.layers[0] == 0) + sum(g.omega for g in groups[1:4]) \
+        + sum(g.omega for g in groups[5:])  # pays ω, not the dense 16, for the v groups at rank 1
+    registry = load_registry(strict=True)
+    answer = registry.allocators["protect-first"].allocate(groups, budget, {"layers": 1})
+    checked = check_allocation(groups, answer, budget, "protect-first")
+    assert total_cost(groups, checked) <= budget and answer.notes["note"] == "budget too small"

@@ -22,7 +22,8 @@ class ProtectFirstAllocator(Allocator):
         rest = [g for g in groups if min(g.layers) >= first]
         ranks = {g.key: g.max_rank for g in kept}
         left = budget - sum(rank_cost(g, g.max_rank) for g in kept)
-        if left < sum(g.omega for g in rest):  # the budget cannot pay for dense first layers
+        # rank 1 everywhere else must still fit (a group whose break-even rank is 1 costs its dense size there)
+        if left < sum(rank_cost(g, 1) for g in rest):  # the budget cannot pay for dense first layers
             return Allocation(uniform_ranks(groups, budget), {"dense_groups": [], "note": "budget too small"})
         if rest:
             ranks.update(uniform_ranks(rest, max(left, 0)))
