@@ -276,9 +276,23 @@ def test_preflight_names_the_offload_that_fits_and_checks_an_offload_run_by_the_
     assert "offload" not in str(caught.value)
 
 
-def test_a_wide_input_read_by_one_group_is_factored_in_its_grams_memory():
-    wide = Shapes(**{**SMALL.__dict__, "groups": [("attn_in", 1, 8, 8), ("attn_in", 1, 8, 8), ("down_in", 1, 4096, 8)]})
-    # down: L takes its Gram's memory, so only the SVD's terms; the attn_in groups (two readers) keep 8·in²
+def test_a_wide_input_read_by_one_matrix_type_is_factored_in_its_grams_memory():
+    layers = [("attn_in", 1, 8, 8), ("attn_in", 1, 8, 8), ("down_in", 1, 4096, 8)] * 3  # three layers
+    wide = replace(SMALL, groups=layers, sole_inputs=frozenset({"down_in"}))
+    # down: L takes its Gram's memory, so only the SVD's terms
     assert estimate(wide).transient == 6 * 8 * 8 * 4096
-    shared = Shapes(**{**wide.__dict__, "groups": [("attn_in", 1, 8, 8), ("down_in", 2, 4096, 8)]})
+    assert estimate(replace(wide, sole_inputs=frozenset())).transient == 8 * 4096 ** 2 + 6 * 8 * 8 * 4096
+    shared = replace(wide, groups=[("attn_in", 1, 8, 8), ("down_in", 2, 4096, 8)])
     assert estimate(shared).transient == 8 * 4096 ** 2 + 6 * 8 * 2 * 8 * 4096  # the summed Gram, then L in it
+
+
+def test_the_sole_readers_of_an_input_come_from_the_plans():
+    from conftest import tiny_llama
+    from workbench.engine.grouping import plan_groups
+    from workbench.registry import load_registry
+    from workbench.run.preflight import _sole_inputs
+
+    model = tiny_llama(layers=2)
+    adapter = load_registry(strict=True).adapter_for(model)
+    plans = plan_groups(model, adapter, None, [], lambda t: 1)
+    assert _sole_inputs(plans) == {p.site.input_group for p in plans if p.site.path.endswith(("o_proj", "down_proj"))}

@@ -31,7 +31,6 @@ allocator may reuse). Host figures add `HOST_BASE` per process for the interpret
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -71,6 +70,7 @@ class Shapes:
     fisher: bool = False  # the allocator needs the fisher signal
     mask_training: bool = False  # the allocator needs the ara signal (rank masks trained by backpropagation)
     eval_tokens: int = 0  # the largest evaluation batch: windows × seq_len, whose logits are formed at once
+    sole_inputs: frozenset[str] = frozenset()  # input groups one matrix type alone reads (down_proj's)
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,7 @@ def estimate(s: Shapes) -> Estimate:
     # Factoring a group: its whitening factor L (a shared group's summed Gram, then L in its memory), except
     # where L takes the Gram's own memory (a one-layer group, the only reader of an input from
     # IN_PLACE_FROM wide), plus the stacked weights, the whitened matrix, U, Vᵀ, VᵀL⁻¹ and the loss check.
-    readers = Counter(name for name, _, _, _ in s.groups)
-    factoring = max((0 if n == 1 and i >= IN_PLACE_FROM and readers[name] == 1 else 8 * i * i) + 6 * 8 * n * o * i
+    factoring = max((0 if n == 1 and i >= IN_PLACE_FROM and name in s.sole_inputs else 8 * i * i) + 6 * 8 * n * o * i
                     for name, n, i, o in s.groups)
     rows, widest_in = min(s.batch, s.windows) * s.seq_len, max(i for _, _, i, _ in s.groups)
     forward = 3 * b * rows * widest_in + 8 * rows * widest_in  # MLP activations + the Gram hook's float64 copy

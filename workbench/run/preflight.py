@@ -52,7 +52,16 @@ def shapes_of(model: torch.nn.Module, plans: Sequence, profile, params: int, ada
                   vocab=int(getattr(config, "vocab_size", 0) or 0),
                   intermediate=int(getattr(config, "intermediate_size", 0) or 0),
                   fisher="fisher" in signals, eval_tokens=_evaluation_tokens(profile),
-                  mask_training="ara" in signals, batch=profile.calibration.batch_size, **whole)
+                  mask_training="ara" in signals, batch=profile.calibration.batch_size,
+                  sole_inputs=_sole_inputs(plans), **whole)
+
+
+def _sole_inputs(plans: Sequence) -> frozenset[str]:
+    """Input groups that one matrix type alone reads: their Grams are factored in place (whitening.py)."""
+    readers: dict[str, set[str]] = {}
+    for p in plans:
+        readers.setdefault(p.site.input_group, set()).add(p.site.path)
+    return frozenset(group for group, paths in readers.items() if len(paths) == 1)
 
 
 def _count(module: torch.nn.Module) -> int:
