@@ -118,17 +118,24 @@ def _restore_gram(gram: torch.Tensor, diagonal: list[torch.Tensor], block: int =
         gram[r0:r1, r0:r1] = diagonal[a]
 
 
+def _cholesky_problem(info: int, pivots: torch.Tensor | None) -> str | None:
+    """Why a Cholesky factor is not used (the eigen route's reason), or None: the one rule of both routes."""
+    if info:
+        return f"Cholesky failed at pivot {info} (singular or indefinite Gram)"
+    # A Cholesky that "succeeds" with pivots at rounding level gives an L⁻¹ that is pure noise.
+    if pivots.min() <= pivots.max() * 1e-7:
+        return "Cholesky pivots at rounding level (ill-conditioned Gram)"
+    return None
+
+
 def _cholesky_overwriting(gram: torch.Tensor) -> Whitening:
     block = BLOCK
     diagonal = [gram[a:b, a:b].clone() for a, b in _blocks(gram.shape[0], block)]  # n·BLOCK values
     info = _cholesky_in_place(gram, block)
-    if info:
+    problem = _cholesky_problem(info, None if info else gram.diagonal())
+    if problem:
         _restore_gram(gram, diagonal, block)
-        return _eigen(gram, f"Cholesky failed at pivot {info} (singular or indefinite Gram)", overwrite=True)
-    pivots = gram.diagonal()
-    if pivots.min() <= pivots.max() * 1e-7:
-        _restore_gram(gram, diagonal, block)
-        return _eigen(gram, "Cholesky pivots at rounding level (ill-conditioned Gram)", overwrite=True)
+        return _eigen(gram, problem, overwrite=True)
     with torch.inference_mode():
         gram.tril_()  # from here on the memory is L's alone
     return Whitening(gram, "cholesky", True, gram.shape[0], in_place=True)
@@ -155,10 +162,7 @@ def whitening_factor(gram: torch.Tensor, method: str = "cholesky", overwrite: bo
     if overwrite:
         return _cholesky_overwriting(gram)
     factor, info = torch.linalg.cholesky_ex(gram)
-    if int(info) != 0:
-        return _eigen(gram, f"Cholesky failed at pivot {int(info)} (singular or indefinite Gram)")
-    diag = factor.diagonal()
-    # A Cholesky that "succeeds" with pivots at rounding level gives an L⁻¹ that is pure noise.
-    if diag.min() <= diag.max() * 1e-7:
-        return _eigen(gram, "Cholesky pivots at rounding level (ill-conditioned Gram)")
+    problem = _cholesky_problem(int(info), None if int(info) else factor.diagonal())
+    if problem:
+        return _eigen(gram, problem)
     return Whitening(factor, "cholesky", True, gram.shape[0])
