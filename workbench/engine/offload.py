@@ -87,8 +87,8 @@ def free_bytes(device: torch.device) -> int:
 
 # Host allocations from this size are mapped on their own (glibc's M_MMAP_THRESHOLD), so freeing one
 # returns it to the system. glibc raises its threshold to 32 MiB as large blocks are freed, and the
-# Gram, factor and SVD buffers of a layer below that size then stay in the heap, fragmented: measured
-# 0.4 GiB of a 1.7 GiB peak on a half-LLaMA-7B layer under "disk".
+# Gram, factor and SVD buffers of a layer below that size then stay in the heap, fragmented
+# (bench/offload.py, one LLaMA-7B-shaped layer under "disk": 3.89 → 3.82 GiB peak with it).
 MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 
