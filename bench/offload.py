@@ -12,7 +12,8 @@ equal). It prints the goal's bound beside the measurements:
 and the same bound plus what a bare process holding the libraries costs (measured here too), plus,
 for reference, the factors kept for allocation (4·P_t: held in memory under "none", spilled to the
 work directory and mapped back under "disk") and the factoring transient the bound leaves out
-(down_proj's stacked weights, whitened matrix and SVD vectors, about 6·8·d·m bytes).
+(on a CPU: the eigendecomposition of a d × d Gram of the whitened matrix with LAPACK's workspace,
+about 3·8·d² bytes).
 
     .venv/bin/python bench/offload.py                      # 2 layers, 8 × 128 tokens, float32 (a few minutes)
     .venv/bin/python bench/offload.py --layers 4 --samples 16 --seq-len 256 --out bench/results
@@ -156,7 +157,7 @@ def bound(shapes: dict, args) -> dict:
     targeted = 4 * d * d + 3 * d * m
     factors = 4 * targeted * shapes["layers"]  # float32 factors kept for allocation, at most 4·P_t
     return {"layer_weights": weights, "inputs": inputs, "grams": grams, "bound": int(1.2 * (weights + inputs + grams)),
-            "factors_all_layers": factors, "factoring_transient_min": 6 * 8 * d * m}
+            "factors_all_layers": factors, "factoring_transient_cpu": 3 * 8 * d * d}
 
 
 def main() -> None:
@@ -208,8 +209,8 @@ def main() -> None:
           f"{limits['grams'] / gib:.2f}, +20%): {limits['bound'] / gib:.2f} GiB; with the libraries' "
           f"{baseline['peak_rss_bytes'] / gib:.2f} GiB: {(limits['bound'] + baseline['peak_rss_bytes']) / gib:.2f} GiB; "
           f"factors kept for allocation (spilled under disk): {limits['factors_all_layers'] / gib:.2f} GiB; "
-          f"factoring down_proj adds about {limits['factoring_transient_min'] / gib:.2f} GiB (stacked weights, whitened "
-          f"matrix, SVD vectors; its L takes its Gram's memory; not in the bound)")
+          f"factoring a group adds about {limits['factoring_transient_cpu'] / gib:.2f} GiB (the eigendecomposition of "
+          f"the whitened matrix's d × d Gram with LAPACK's workspace; not in the bound)")
     print("| offload | peak RSS (GiB) | wall (s) | calibrate per layer (s) |\n|---|---|---|---|")
     for mode, r in runs.items():
         per_layer = "–" if r["calibrate_s_per_layer"] is None else f"{r['calibrate_s_per_layer']:.1f}"

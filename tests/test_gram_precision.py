@@ -33,8 +33,13 @@ def gram_of(x: torch.Tensor, precision: str, batch: int = 1000) -> torch.Tensor:
         return symmetrize(gram).clone()
 
 
-def test_the_gram_error_is_bounded_per_channel_pair_despite_massive_channels():
+@pytest.mark.parametrize("blocks", [1, 5])  # the whole product, or an upper triangle of 5 × 5 column blocks
+def test_the_gram_error_is_bounded_per_channel_pair_despite_massive_channels(monkeypatch, blocks):
     x = massive_activations()
+    if blocks > 1:
+        monkeypatch.setattr(calibration, "BLOCKED_FROM", 2)
+        monkeypatch.setattr(calibration, "MAX_BLOCK", -(-x.shape[1] // blocks))
+        assert len(calibration._edges(x.shape[1])) == blocks + 1
     exact = x.double().mT @ x.double()
     gram = gram_of(x, "float32-equilibrated")
     assert (gram == gram.mT).all()

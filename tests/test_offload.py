@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -99,20 +101,27 @@ def test_lazy_weights_read_each_tensor_from_its_shard(tmp_path):
     assert "a" in view and "c" not in view and torch.equal(view["b"], b)
 
 
-def test_host_inputs_give_the_default_propagators_outputs(calib_ids):
-    """On a CPU the host is the device: HostInputs must be the default LayerInputs, bit for bit."""
+def test_host_inputs_give_the_default_propagators_outputs(calib_ids, tmp_path):
+    """On a CPU the host is the device: HostInputs must be the default LayerInputs, bit for bit, also
+    with its outputs parked in files between layers (offload "disk")."""
     from workbench.engine.walk import LayerInputs
 
     model = tiny_llama()
     layers = model.model.layers
     results = []
-    for propagator in (LayerInputs(), HostInputs(Devices(CPU, "cpu"))):
+    parked = HostInputs(Devices(CPU, "disk"), park=tmp_path / "spill")
+    for propagator in (LayerInputs(), HostInputs(Devices(CPU, "cpu")), parked):
         propagator.capture(model, layers[0], calib_ids, 4, CPU, lambda: None)
         for i, layer in enumerate(layers):
             propagator.forward(i, layer, None)
             propagator.advance(i)
         results.append(torch.cat(propagator.inputs()))
-    assert torch.equal(results[0], results[1])
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    files = sorted((tmp_path / "spill").glob("inputs-*.safetensors"))
+    assert len(files) == len(parked.batches) > 1 and not list((tmp_path / "spill").glob("*.partial"))
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # mapped from the files, not read into the process's own memory
+        assert str(files[0]) in maps.read_text()
 
 
 # ---------------------------------------------------------------------------------- same answer

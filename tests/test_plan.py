@@ -79,7 +79,7 @@ def test_each_mode_places_the_terms_by_hand(monkeypatch):
     assert (cpu.device, cpu.host) == (11736, base + 5680)
     assert (disk.device, disk.host) == (11736, base + 3544)
     assert none.disk == cpu.disk == 3808 + 1808 + MODEL_EXTRAS
-    assert disk.disk == none.disk + 736  # the spilled factors
+    assert disk.disk == none.disk + 736 + 384  # the spilled factors and the parked inputs
     assert none.whole_model == ("fisher",)
 
 
@@ -95,11 +95,12 @@ def test_processes_split_the_inputs_but_each_holds_its_grams_and_every_factor():
     gpus = Machine(host=100 * HOST_BASE, disk=10**9, gpus=(10**9, 10**9))
     assert verdict(setting(replace(SMALL, fisher=False), "none", 2), gpus) is None
     assert verdict(setting(replace(SMALL, fisher=False), "cpu", 2), gpus) is None  # offload combines with torchrun
-    # each process spills every factor under "disk" and keeps its compressed layers under offload
+    # each process spills every factor under "disk" (and parks its share of the inputs) and keeps its
+    # compressed layers under offload
     est = estimate(SMALL)
     assert none.disk == setting(SMALL, "none", 1).disk == est.model_file + est.checkpoint
     assert cpu.disk == 2 * est.model_file + est.checkpoint
-    assert disk.disk == 2 * est.model_file + est.checkpoint + 2 * est.factors
+    assert disk.disk == 2 * est.model_file + est.checkpoint + 2 * est.factors + est.inputs
 
 
 def test_none_is_exactly_preflight_on_top_of_the_weights():

@@ -332,6 +332,16 @@ def test_walk_b_the_reducer_sees_every_statistic_before_factoring(dense_setup):
                               2 ** 0.5 * plain.factors[plan.key].singular_values.double(), rtol=1e-5)
 
 
+def _assert_same_factors(test, reference):
+    """σ to 1e-9 and Q·P at rank 4 to 1e-4 (float32 factors) for every group."""
+    for key, f in test.factors.items():
+        ref = reference.factors[key]
+        assert torch.allclose(f.singular_values, ref.singular_values, rtol=1e-9), key
+        q, p = f.factors(4, torch.float64)
+        q0, p0 = ref.factors(4, torch.float64)
+        assert torch.allclose(q[0] @ p, q0[0] @ p0, rtol=1e-4, atol=1e-5 * float((q0[0] @ p0).abs().max())), key
+
+
 def test_walk_each_input_groups_last_reader_factors_its_gram_in_place_with_the_same_result(dense_setup, monkeypatch):
     from workbench.engine import whitening
 
@@ -347,12 +357,69 @@ def test_walk_each_input_groups_last_reader_factors_its_gram_in_place_with_the_s
     groups = {p.site.input_group for p in plans}
     assert len(owners) == 3 * len(groups) and len(groups) < len(plans)
     assert len(after.whitening) == len(plans) and all(e["method"] == "cholesky" for e in after.whitening)
-    for key, f in after.factors.items():
-        ref = before.factors[key]
-        assert torch.allclose(f.singular_values, ref.singular_values, rtol=1e-9), key
-        q, p = f.factors(4, torch.float64)
-        q0, p0 = ref.factors(4, torch.float64)
-        assert torch.allclose(q[0] @ p, q0[0] @ p0, rtol=1e-4, atol=1e-5 * float((q0[0] @ p0).abs().max())), key
+    _assert_same_factors(after, before)
+
+
+def test_walk_a_spent_gram_is_freed_before_the_next_group_is_factored(dense_setup, monkeypatch):
+    """The walk's statistics are the only holder of a layer's Grams: popping a spent one frees it."""
+    import weakref
+
+    from workbench.engine import compress
+
+    model, adapter, plans, ids = dense_setup
+    real = compress._factor_group
+    spent_refs, checked = [], []
+
+    def watching(layers, plan, grams, method, device, full, spent=(), **kwargs):
+        for key, ref in spent_refs:  # spent by an earlier group, popped by the factor step after it
+            assert ref() is None, f"{key} is still held after the group that spent it"
+            checked.append(key)
+        spent_refs.clear()
+        spent_refs.extend((key, weakref.ref(grams[key])) for key in spent)
+        return real(layers, plan, grams, method, device, full, spent, **kwargs)
+
+    monkeypatch.setattr(compress, "_factor_group", watching)
+    calibrate(model, adapter, plans, ids, CPU, EventBus(), CancelToken())
+    groups_per_layer = len({p.site.input_group for p in plans})
+    assert len(checked) >= 3 * groups_per_layer - 1  # every spent Gram but the walk's very last
+
+
+def test_groups_whitened_by_the_same_grams_factor_them_once_with_the_same_result(dense_setup, monkeypatch):
+    from workbench.engine import factorize, walk, whitening
+
+    model, adapter, plans, ids = dense_setup
+    monkeypatch.setattr(walk, "_shared_whitenings", lambda ready, pending: {})  # every group its own whitening
+    alone = calibrate(model, adapter, plans, ids, CPU, EventBus(), CancelToken())
+    monkeypatch.undo()
+    monkeypatch.setattr(whitening, "IN_PLACE_FROM", 16)  # the first reader takes the Gram's memory
+    factored = []
+    real = whitening.whitening_factor
+    monkeypatch.setattr(factorize, "whitening_factor", lambda gram, method, overwrite: factored.append(
+        (gram.shape[0], overwrite)) or real(gram, method, overwrite))
+    shared = calibrate(model, adapter, plans, ids, CPU, EventBus(), CancelToken())
+    groups = {p.site.input_group for p in plans}
+    assert len(factored) == 3 * len(groups) < len(plans)  # once per input group and layer, not per group
+    assert all(overwrite for _, overwrite in factored)  # the first reader (or the only one) in place
+    _assert_same_factors(shared, alone)
+    assert [e["method"] for e in shared.whitening] == [e["method"] for e in alone.whitening]
+
+
+def test_shared_whitenings_name_the_first_reader_and_whether_it_may_overwrite():
+    from workbench.api import Site
+    from workbench.engine.grouping import GroupPlan
+    from workbench.engine.walk import _shared_whitenings
+
+    def plan(name, group, layers):
+        return GroupPlan(f"{name}@{layers[0]}", Site(name, name, group), tuple(layers), 8, 8)
+
+    q, k, v = plan("q", "attn", [3]), plan("k", "attn", [3]), plan("v", "attn", [3])
+    gate, up, down = plan("gate", "mlp_in", [3]), plan("up", "mlp_in", [3]), plan("down", "mlp_out", [3])
+    assert _shared_whitenings([q, k, v, gate, up, down], [q, k, v, gate, up, down]) == {"q@3": True, "gate@3": True}
+    # a basis shared with layer 4 reads ("mlp_in", 3) too: gate and up reuse one whitening, but not in its memory
+    pending_up = plan("up", "mlp_in", [3, 4])
+    assert _shared_whitenings([q, k, gate, down], [q, k, gate, down, pending_up]) == {"q@3": True}
+    gate2 = plan("gate2", "mlp_in", [3])
+    assert _shared_whitenings([gate, gate2], [gate, gate2, pending_up]) == {"gate@3": False}
 
 
 def test_walk_c_a_placement_sees_each_layer_go_on_and_off_the_device(dense_setup):

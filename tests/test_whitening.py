@@ -103,9 +103,13 @@ def test_nan_gram_is_refused():
         whitening_factor(gram)
 
 
-@pytest.mark.parametrize("width", [16, 1100])
-def test_blocked_gram_equals_plain_float64_product(width):
-    from workbench.engine.calibration import add_gram, symmetrize
+@pytest.mark.parametrize("width,max_block,blocks", [(16, 2048, 1), (1100, 2048, 2), (1100, 300, 4)])
+def test_blocked_gram_equals_plain_float64_product(monkeypatch, width, max_block, blocks):
+    from workbench.engine import calibration
+    from workbench.engine.calibration import _edges, add_gram, symmetrize
+
+    monkeypatch.setattr(calibration, "MAX_BLOCK", max_block)
+    assert len(_edges(width)) - 1 == blocks
 
     g = torch.Generator().manual_seed(width)
     gram = torch.zeros(width, width, dtype=torch.float64)
@@ -277,6 +281,21 @@ def test_a_loss_check_failure_after_an_in_place_cholesky_takes_the_eigen_route_f
     assert torch.allclose(f.singular_values, reference.singular_values, rtol=1e-9)
 
 
+def test_a_loss_check_failure_with_a_reused_whitening_takes_the_eigen_route_from_the_grams(monkeypatch):
+    from workbench.engine import compress
+
+    layers, plan, stats = _one_layer_group()
+    gram = stats[("in", 0)].clone()
+    reused = whitening_factor(gram.clone(), "cholesky")  # what the first of q/k/v left for the others
+    calls = []
+    monkeypatch.setattr(compress, "loss_check_failed", lambda error, tolerance: calls.append(error) or len(calls) == 1)
+    f = compress._factor_group(layers, plan, stats, "cholesky", torch.device("cpu"), full=True, white=reused)
+    assert f.whitening.method == "eigen" and "loss check failed" in f.whitening.fallback_reason
+    assert torch.equal(stats[("in", 0)], gram)  # read, not overwritten: another group may still need it
+    reference = whitened_svd([layers[0]["proj"].weight], gram, keep=20, method="eigen")
+    assert torch.allclose(f.singular_values, reference.singular_values, rtol=1e-9)
+
+
 def test_last_readers_name_only_statistics_no_later_group_reads():
     from workbench.api import Site
     from workbench.engine.grouping import GroupPlan
@@ -304,3 +323,62 @@ def test_right_inverse_in_place_by_row_blocks_equals_the_whole_solve(method):
     out = white.right_inverse_(work, rows=4)  # blocks of 4, 4 and 1 rows
     assert out.data_ptr() == work.data_ptr()
     assert torch.allclose(out, whole, rtol=1e-12, atol=1e-12 * float(whole.abs().max()))
+
+
+# ------------------------------------------------------------------ the SVD routes against LAPACK's SVD of A
+
+
+def _reference(ws, gram, method, k):
+    """σ and W_g's rank-k approximation U_k Σ_k V_kᵀ L⁺ from LAPACK's SVD of the whole A = W_g L, L and L⁺ formed."""
+    if method == "cholesky":
+        l = torch.linalg.cholesky(gram)
+        l_pinv = torch.linalg.inv(l)
+    else:
+        evals, r = torch.linalg.eigh(gram)
+        live = evals > evals.max() * gram.shape[0] * torch.finfo(torch.float64).eps
+        root = torch.where(live, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
+        l, l_pinv = r * root, (r * torch.where(live, 1 / root.where(live, torch.ones_like(root)), 0 * root)).T
+    u, s, vt = torch.linalg.svd(torch.cat(ws) @ l, full_matrices=False)
+    return s, (u[:, :k] * s[:k]) @ vt[:k] @ l_pinv
+
+
+@pytest.mark.parametrize("route", ["_svd_by_eigh", "_svd_by_lapack"])
+@pytest.mark.parametrize("block", [3, 1024])  # A's Gram and the vectors by blocks of 3 rows/columns, or at once
+@pytest.mark.parametrize("method,tokens", [("cholesky", 200), ("eigen", 200), ("eigen", 9)])  # 9: singular G
+@pytest.mark.parametrize("layers,out,width", [(1, 8, 20), (2, 6, 20), (1, 30, 12), (3, 8, 12)])  # wide and tall
+def test_svd_routes_equal_lapacks_svd_of_the_whole_whitened_matrix(monkeypatch, route, block, method, tokens,
+                                                                   layers, out, width):
+    from workbench.engine.whitening import whitening_factor
+
+    monkeypatch.setattr(factorize, "SVD_ROWS", block)
+    g = torch.Generator().manual_seed(layers * out * width + tokens)
+    ws = [torch.randn(out, width, generator=g, dtype=torch.float64) for _ in range(layers)]
+    x = torch.randn(tokens, width, generator=g, dtype=torch.float64) * torch.logspace(0, 2, width, dtype=torch.float64)
+    gram = x.T @ x
+    keep = min(width, layers * out)
+    s, u, vt_linv = getattr(factorize, route)(ws, whitening_factor(gram, method), keep)
+    s_ref, _ = _reference(ws, gram, method, keep)
+    # σ from A's Gram: relative accuracy to 1e-9, absolute only ~√ε·σ_1 at rounding level (squaring)
+    assert torch.allclose(s, s_ref, rtol=1e-9, atol=1e-7 * float(s_ref[0]))
+    scale = float(torch.cat(ws).abs().max())
+    for k in {1, keep // 2, min(keep, tokens)}:
+        w_hat = (u[:, :k] * s[:k]) @ vt_linv[:k]
+        assert torch.allclose(w_hat, _reference(ws, gram, method, k)[1], rtol=1e-8, atol=1e-8 * scale)
+
+
+@pytest.mark.parametrize("inference", [False, True])  # the walk's Grams are inference tensors
+def test_symmetric_eigh_equals_torch_and_puts_the_vectors_in_the_matrix(inference):
+    from workbench.engine.whitening import symmetric_eigh
+
+    gram = _wide_gram(40, 25)  # singular: 15 zero eigenvalues
+    expected_values, expected_vectors = torch.linalg.eigh(gram)
+    with torch.inference_mode(inference):
+        work = gram.clone()
+    values, vectors = symmetric_eigh(work)
+    assert vectors.data_ptr() == work.data_ptr()  # no second 40 × 40 matrix
+    scale = float(expected_values.abs().max())
+    assert torch.allclose(values, expected_values, rtol=0, atol=1e-12 * scale)
+    top = slice(15, 40)  # eigenvectors of distinct nonzero eigenvalues agree up to sign
+    dots = (vectors[:, top] * expected_vectors[:, top]).sum(0).abs()
+    assert torch.allclose(dots, torch.ones_like(dots), atol=1e-9)
+    assert torch.allclose((vectors * values) @ vectors.mT, gram, atol=1e-10 * scale)

@@ -17,7 +17,8 @@ from workbench.engine.grouping import GroupPlan, module_prefix
 from workbench.engine.lowrank import LowRankLinear, factor_linear
 from workbench.engine.numerics import check_factors, loss_check_failed
 from workbench.engine.state import CalibrationCheckpoint, CalibrationState  # noqa: F401 - CalibrationState re-exported
-from workbench.engine.walk import Factor, GramStatistics, LayerWalk, Strategies, spent_by
+from workbench.engine.walk import Factor, GramStatistics, LayerWalk, Strategies, shared_by, spent_by
+from workbench.engine.whitening import Whitening
 from workbench.api import Adapter, Allocator, GroupSpectrum, break_even_rank
 
 # The built-in check (docs/architecture.md), run on every group at half its kept rank: the measured whitened
@@ -39,23 +40,31 @@ def _weights(layers: nn.ModuleList, plan: GroupPlan) -> list[torch.Tensor]:
     return [layers[i].get_submodule(plan.site.path).weight for i in plan.layers]
 
 
-def _factor_group(layers, plan: GroupPlan, grams: dict, method: str, device, full: bool,
-                  spent: Collection = ()) -> GroupFactors:
-    """`spent`: keys of `grams` that nothing reads after this group, so its Gram may become L in place."""
-    # a resumed Gram may be on the host; one layer's is used as it is (sum() would copy it: 0.97 GB at
-    # a 7B down_proj, held through the SVD), a shared group's summed into one new matrix (its own)
-    keys = [(plan.site.input_group, i) for i in plan.layers]
+def _group_gram(grams: dict, keys: list, device, overwritable: bool) -> tuple[torch.Tensor, bool]:
+    """(the group's Gram on `device`, may it be overwritten). A resumed Gram may be on the host; one
+    layer's is used as it is (sum() would copy it: 0.97 GB at a 7B down_proj, held through the SVD),
+    a shared group's summed into one new matrix (its own)."""
     parts = [grams[key].to(device) for key in keys]
-    gram, own = parts[0], keys[0] in spent or parts[0] is not grams[keys[0]]  # spent, or a copy on `device`
+    gram, own = parts[0], overwritable or parts[0] is not grams[keys[0]]  # or a copy on `device`
     if len(parts) > 1:
         gram, own = parts[0].clone(), True
         for part in parts[1:]:
             gram.add_(part)
-    del parts
+    return gram, own
+
+
+def _factor_group(layers, plan: GroupPlan, grams: dict, method: str, device, full: bool,
+                  spent: Collection = (), white: Whitening | None = None, overwrite: bool = False) -> GroupFactors:
+    """`spent`: keys of `grams` that nothing reads after this group, so its Gram may become L in place;
+    `overwrite`: the same for a group whose whitening later groups reuse; `white`: that whitening, reused."""
+    keys = [(plan.site.input_group, i) for i in plan.layers]
+    gram = own = None
+    if white is None:
+        gram, own = _group_gram(grams, keys, device, overwrite or keys[0] in spent)
     weights = _weights(layers, plan)
     full_rank = min(plan.in_features, len(plan.layers) * plan.out_features)
     keep = full_rank if full else break_even_rank(plan.in_features, plan.out_features, len(plan.layers))
-    factors = whitened_svd(weights, gram, keep=keep, method=method, overwrite=own)
+    factors = whitened_svd(weights, gram, keep=keep, method=method, overwrite=own, white=white)
     k = max(1, factors.u.shape[1] // 2)
     energy = float((factors.singular_values ** 2).sum()) or 1.0
     error = abs(measured_loss(weights, factors, k) - predicted_loss(factors, k)) / energy
@@ -63,8 +72,10 @@ def _factor_group(layers, plan: GroupPlan, grams: dict, method: str, device, ful
         # An ill-conditioned Cholesky factor can pass its own test yet whiten badly: use the eigen route.
         # Factored in place, G survives as L·Lᵀ only: equal to it within the rounding the eigen route drops.
         if factors.whitening.in_place:
-            white = factors.whitening.factor
-            gram = white @ white.mT
+            lower = factors.whitening.factor
+            gram = lower @ lower.mT
+        elif gram is None:  # a reused whitening, the Grams intact
+            gram, _ = _group_gram(grams, keys, device, False)
         factors = whitened_svd(weights, gram, keep=keep, method="eigen")
         factors.whitening.fallback_reason = f"loss check failed on Cholesky (relative error {error:.1e})"
         error = abs(measured_loss(weights, factors, k) - predicted_loss(factors, k)) / energy
@@ -75,13 +86,26 @@ def _factor_group(layers, plan: GroupPlan, grams: dict, method: str, device, ful
 
 
 def group_factorer(whitening: str, device: torch.device, events: EventBus, full_factors: bool = False) -> Factor:
-    """The walk's factor step: whiten and decompose one complete group, checked, kept compact."""
+    """The walk's factor step: whiten and decompose one complete group, checked, kept compact.
+
+    Groups whitened by the same Grams (q/k/v of a layer, gate/up) factor them once: the first keeps
+    its whitening for the others (in the Grams' memory when nothing else reads them) until the last
+    of them spends the Grams."""
+    reused: dict[tuple, Whitening] = {}
 
     def factor(layers, plan: GroupPlan, grams: dict) -> tuple[GroupFactors, dict[str, Any]]:
-        spent = spent_by(grams, plan.key)
-        f = _factor_group(layers, plan, grams, whitening, device, full_factors, spent)
+        spent, share = spent_by(grams, plan.key), shared_by(grams, plan.key)
+        mine = (plan.site.input_group, tuple(plan.layers))
+        for gone in [w for w in reused if any((w[0], j) not in grams for j in w[1])]:
+            del reused[gone]  # its layer is done (under torchrun its last reader may have run elsewhere)
+        f = _factor_group(layers, plan, grams, whitening, device, full_factors, spent,
+                          white=reused.get(mine), overwrite=bool(share))
+        if share is not None:
+            reused[mine] = f.whitening
         for key in spent:  # nothing reads it again: freed now, before the layer's next group is factored
             grams.pop(key, None)
+        if spent:
+            reused.pop(mine, None)
         if f.whitening.fell_back:
             events.warn("calibrate", f"{plan.key}: {f.whitening.fallback_reason}; used the eigen route")
         entry = {"group": plan.key, "method": f.whitening.method, "rank_of_gram": f.whitening.rank,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.engine.whitening import Whitening, whitening_factor
+from workbench.engine.whitening import Whitening, symmetric_eigh, whitening_factor
 
 
 @dataclass
@@ -49,49 +49,93 @@ class GroupFactors:
         return qs, p.to(dtype).contiguous()
 
 
-def _svd_by_eigh(a: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD of `a` from the eigendecomposition of its smaller Gram matrix (float64).
+# Rows (or columns) of W_g per block of the CPU route's products: its temporaries are a block of
+# W_g in float64, never the whitened matrix A = W_g L (n·out × in float64: 0.34 GiB at a 7B down_proj).
+SVD_ROWS = 1024
+
+
+def _row_blocks(weights: list[torch.Tensor], device: torch.device):
+    """(first row in W_g, those rows of W_g in float64), SVD_ROWS rows at a time, layer after layer."""
+    first = 0
+    for weight in weights:
+        for start in range(0, weight.shape[0], SVD_ROWS):
+            yield first + start, weight.detach()[start:start + SVD_ROWS].to(device=device, dtype=torch.float64)
+        first += weight.shape[0]
+
+
+def _top_eigenvectors(small: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(all σ descending, the `keep` leading eigenvectors) of A's smaller Gram, decomposed in its own memory."""
+    evals, evecs = symmetric_eigh(small)
+    s = evals.flip(0).clamp_min(0).sqrt()
+    keep = min(keep, s.numel())
+    return s, evecs[:, evecs.shape[1] - keep:].flip(1)  # a copy of `keep` columns only, not of all of them
+
+
+def _svd_by_eigh(weights: list[torch.Tensor], white: Whitening, keep: int) -> tuple[torch.Tensor, ...]:
+    """Thin SVD of A = W_g L from the eigendecomposition of its smaller Gram (float64), A never formed.
 
     Three to four times faster than LAPACK's SVD on a CPU. Squaring costs relative accuracy only
     for σ_i below ~1e-8·σ_1, far past any rank worth keeping; their σ_i² (all the loss needs) stay
-    accurate to float64 rounding of the total energy. Returns (σ, U_keep, V_keepᵀ).
+    accurate to float64 rounding of the total energy. A's Gram is summed from blocks of A's columns
+    (wide A) or rows (tall A), and the vectors are read back from W_g: at a 7B model's widest
+    matrices this holds under half of what forming A and its SVD held. Returns (σ, U_keep, V_keepᵀ L⁻¹).
     """
-    wide = a.shape[0] <= a.shape[1]
-    evals, evecs = torch.linalg.eigh(a @ a.mT if wide else a.mT @ a)
-    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
-    s = evals.sqrt()
-    keep = min(keep, s.numel())
+    device = white.factor.device
+    rows, width = sum(w.shape[0] for w in weights), white.factor.shape[0]
+    wide = rows <= width
+    small = torch.zeros(min(rows, width), min(rows, width), dtype=torch.float64, device=device)
+    if wide:  # A Aᵀ, a block of A's columns at a time; W_g read in its own dtype
+        stacked = weights[0].detach().to(device) if len(weights) == 1 else torch.cat(
+            [w.detach().to(device) for w in weights])
+        for start in range(0, width, SVD_ROWS):
+            block = white.columns(stacked, start, min(start + SVD_ROWS, width), SVD_ROWS)
+            small.addmm_(block, block.mT)
+    else:  # Aᵀ A, a block of A's rows at a time
+        for _, block in _row_blocks(weights, device):
+            block = white.apply(block)
+            small.addmm_(block.mT, block)
+    del block
+    s, top = _top_eigenvectors(small, keep)
+    del small
+    keep = top.shape[1]
     # Components at rounding level carry no signal: zero them rather than amplify noise by 1/σ.
     live = s[:keep] > s[0] * 1e-10
     inv = torch.where(live, 1.0 / s[:keep].where(live, torch.ones_like(s[:keep])), torch.zeros_like(s[:keep]))
-    if wide:  # eigenvectors are U; V_kᵀ = Σ_k⁻¹ U_kᵀ A
-        u = evecs[:, :keep]
-        vt = inv[:, None] * (u.mT @ a)
-    else:  # eigenvectors are V; U_k = A V_k Σ_k⁻¹
-        vt = evecs[:, :keep].mT
-        u = (a @ evecs[:, :keep]) * inv
-    return s, u, vt
+    if wide:  # eigenvectors are U; V_kᵀ L⁻¹ = Σ_k⁻¹ U_kᵀ W_g L L⁻¹: no solve, L L⁻¹ = I (L L⁺ a projection)
+        vt_linv = torch.empty(keep, width, dtype=torch.float64, device=device)
+        for start in range(0, width, SVD_ROWS):
+            vt_linv[:, start:start + SVD_ROWS] = top.mT @ stacked[:, start:start + SVD_ROWS].to(torch.float64)
+        return s, top, white.project_(vt_linv.mul_(inv[:, None]))
+    # eigenvectors are V; U_k = A V_k Σ_k⁻¹ = W_g (L V_k Σ_k⁻¹), a block of W_g's rows at a time
+    lv = white.left(top).mul_(inv)
+    u = torch.empty(rows, keep, dtype=torch.float64, device=device)
+    for first, block in _row_blocks(weights, device):
+        u[first:first + block.shape[0]] = block @ lv
+    del lv
+    return s, u, white.right_inverse_(top.mT)  # V_kᵀ L⁻¹ in V_k's memory
 
 
-def whitened_svd(weights: list[torch.Tensor], gram: torch.Tensor, keep: int, method: str = "cholesky",
-                 overwrite: bool = False) -> GroupFactors:
+def _svd_by_lapack(weights: list[torch.Tensor], white: Whitening, keep: int) -> tuple[torch.Tensor, ...]:
+    """The SVD of A itself: on a GPU it is fast and exact enough, and the eigh route's blocks do not pay."""
+    device = white.factor.device
+    stacked = torch.cat([w.detach().to(device=device, dtype=torch.float64) for w in weights], dim=0)
+    a = white.apply(stacked)
+    del stacked  # n·out × in float64: not needed past this point, freed before the SVD's own buffers
+    u, s, vt = torch.linalg.svd(a, full_matrices=False)
+    del a
+    keep = min(keep, s.numel())
+    return s, u[:, :keep], white.right_inverse_(vt[:keep].clone())  # its own memory: V_rᵀ L⁻¹ in place
+
+
+def whitened_svd(weights: list[torch.Tensor], gram: torch.Tensor | None, keep: int, method: str = "cholesky",
+                 overwrite: bool = False, white: Whitening | None = None) -> GroupFactors:
     """SVD of [W⁽¹⁾; …; W⁽ⁿ⁾]·L, keeping the first `keep` components' vectors (all singular values).
 
     `overwrite`: `gram` is not read again by the caller and may become L (`whitening_factor`).
+    `white`: the Gram's whitening, already factored (then `gram` is not read).
     """
-    white = whitening_factor(gram, method, overwrite)
-    stacked = torch.cat([w.detach().to(device=gram.device, dtype=torch.float64) for w in weights], dim=0)
-    a = white.apply(stacked)
-    del stacked  # n·out × in float64: not needed past this point, freed before the SVD's own buffers
-    if a.is_cuda:  # GPU SVD is fast and exact enough; the eigh shortcut pays on CPUs
-        u, s, vt = torch.linalg.svd(a, full_matrices=False)
-        keep = min(keep, s.numel())
-        u, vt = u[:, :keep], vt[:keep].clone()  # its own memory: V_rᵀ becomes V_rᵀL⁻¹ in place below
-    else:
-        s, u, vt = _svd_by_eigh(a, keep)
-        keep = u.shape[1]
-    del a  # like the stacked weights: not held while V_rᵀ L⁻¹ is formed
-    vt_linv = white.right_inverse_(vt)
+    white = white or whitening_factor(gram, method, overwrite)
+    s, u, vt_linv = (_svd_by_lapack if white.factor.is_cuda else _svd_by_eigh)(weights, white, keep)
     return GroupFactors(s, u.contiguous(), vt_linv, weights[0].shape[0], white)
 
 
@@ -103,9 +147,13 @@ CHECK_ROWS = 1024
 def measured_loss(weights: list[torch.Tensor], factors: GroupFactors, rank: int) -> float:
     """‖(W_g − Q P) L‖²_F in float64, computed from the factors themselves (not from σ), by row blocks."""
     device = factors.u.device
-    root = factors.singular_values[:rank].sqrt()
-    q = factors.u[:, :rank].to(root.dtype) * root
-    p = root[:, None] * factors.vt_linv[:rank].to(root.dtype)
+    # Ŵ = (U_k Σ_k) V_kᵀL⁻¹ or U_k (Σ_k V_kᵀL⁻¹): Σ_k goes into the smaller factor, the other is read as it is.
+    s = factors.singular_values[:rank]
+    q, p = factors.u[:, :rank].to(s.dtype), factors.vt_linv[:rank].to(s.dtype)
+    if q.shape[0] <= p.shape[1]:
+        q = q * s
+    else:
+        p = s[:, None] * p
     total, first = 0.0, 0
     for weight in weights:
         for start in range(0, weight.shape[0], CHECK_ROWS):

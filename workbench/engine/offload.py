@@ -319,11 +319,17 @@ class OffloadPlacement(Placement):
 
 class HostInputs(LayerInputs):
     """The calibration inputs live on the host between layers (pinned under CUDA) and go to the
-    compute device one batch at a time; the keyword arguments (rotary tables, masks) stay on it."""
+    compute device one batch at a time; the keyword arguments (rotary tables, masks) stay on it.
 
-    def __init__(self, devices: Devices):
+    With `park` (offload "disk"), a layer's outputs wait for the next layer in files there, mapped
+    back into memory (pages read when used, the kernel's to drop), instead of in host memory while
+    the layer's groups are factored: 0.25 GiB at LLaMA-7B widths with 16 × 1024 tokens, 8 GiB for a
+    70B model's 256 × 2048 in bfloat16."""
+
+    def __init__(self, devices: Devices, park: Path | None = None):
         super().__init__()
         self.devices = devices
+        self.park = park
 
     def _home(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.device == HOST:
@@ -344,6 +350,18 @@ class HostInputs(LayerInputs):
                     check()
                 out = layer(batch.hidden.to(compute, non_blocking=True), **batch.kwargs)
                 batch.hidden = self._home(out[0] if isinstance(out, tuple) else out)
+        if self.park is not None:
+            self._park_outputs()
+
+    def _park_outputs(self) -> None:
+        from safetensors.torch import load_file, save_file
+
+        self.park.mkdir(parents=True, exist_ok=True)
+        for j, batch in enumerate(self.batches):  # a file per batch: safetensors copies what it writes
+            path, partial = self.park / f"inputs-{j:05d}.safetensors", self.park / f"inputs-{j:05d}.partial"
+            save_file({"hidden": batch.hidden.contiguous()}, str(partial))
+            os.replace(partial, path)  # a new file: the last layer's, if still mapped somewhere, stays intact
+            batch.hidden = load_file(str(path))["hidden"]
 
 
 def factors_to_host(factor: Callable, spill: "FactorSpill | None" = None) -> Callable:
@@ -401,9 +419,9 @@ class FactorSpill:
                 self._map(factors[key], path)
 
 
-def strategies(offloaded: OffloadedLayers, plans: Sequence[Any], accumulator) -> Strategies:
+def strategies(offloaded: OffloadedLayers, plans: Sequence[Any], accumulator, park: Path | None = None) -> Strategies:
     return Strategies(placement=OffloadPlacement(offloaded, plans), accumulator=accumulator,
-                      propagator=HostInputs(offloaded.devices))
+                      propagator=HostInputs(offloaded.devices, park))
 
 
 # ---------------------------------------------------------------------------------- forward passes

@@ -213,8 +213,9 @@ def setting(s: Shapes, offload: str, processes: int = 1, est: Estimate | None = 
         host = base + {"none": 0, "cpu": p * weights, "disk": p * one_layer}[offload]
         phases["evaluation"] = Need(held + logits, host)
     # Under offload every process keeps its compressed layers on disk until the end (process 0 in the
-    # staging directory, the others in a folder of their own), and under "disk" spills every factor.
-    disk = (est.model_file + est.checkpoint + (p * est.factors if offload == "disk" else 0)
+    # staging directory, the others in a folder of their own), and under "disk" spills every factor
+    # and parks its share of the calibration inputs between layers.
+    disk = (est.model_file + est.checkpoint + (p * est.factors + est.inputs if offload == "disk" else 0)
             + ((p - 1) * est.model_file if offload != "none" else 0))
     whole_model = tuple(name for name, needed in (("fisher", s.fisher), ("compensation", s.compensate)) if needed)
     return Setting(offload, p, phases, disk, est, whole_model)

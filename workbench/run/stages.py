@@ -325,18 +325,22 @@ def _offload_walk(ctx: RunContext) -> dict[str, Any]:
     from workbench.engine import offload
     from workbench.engine.walk import GramStatistics
 
-    walk = {"strategies": offload.strategies(ctx.offload, ctx.plans, GramStatistics(ctx.gram_precision)),
-            "factors_home": offload.HOST}
+    spill = None
     if ctx.offload.devices.home == "disk" and ctx.work is not None:
         import shutil
 
         from workbench.storage.checkpoint import SPILL
 
         if ctx.work.path is not None:
-            shutil.rmtree(ctx.work.path / SPILL, ignore_errors=True)  # an interrupted run's: the checkpoint has them
-            walk["factor_spill"] = offload.FactorSpill(ctx.work.path / SPILL)
+            spill = ctx.work.path / SPILL
+            shutil.rmtree(spill, ignore_errors=True)  # an interrupted run's: the checkpoint has them
         else:  # another process of a torchrun job (process 0 holds the work directory)
-            walk["factor_spill"] = offload.FactorSpill(_private_folder("spill"))
+            spill = _private_folder("spill")
+    # under "disk" the factors and, between layers, the calibration inputs wait in `spill`
+    walk = {"strategies": offload.strategies(ctx.offload, ctx.plans, GramStatistics(ctx.gram_precision), spill),
+            "factors_home": offload.HOST}
+    if spill is not None:
+        walk["factor_spill"] = offload.FactorSpill(spill)
     return walk
 
 

@@ -67,8 +67,9 @@ FORMAT = 3
 STATE = "state.json"
 LOCK = "lock"
 MARKER = ".workbench-work"  # written first into a work directory workbench makes: it is ours
-# Under offload "disk", the factors kept for allocation wait here (workbench/engine/offload.py,
-# FactorSpill): not part of the checkpoint, kept across commits, removed with the work directory.
+# Under offload "disk", the factors kept for allocation (workbench/engine/offload.py, FactorSpill)
+# and, between layers, the calibration inputs (HostInputs) wait here: not part of the checkpoint,
+# kept across commits, removed with the work directory.
 SPILL = "offload-factors"
 # The names this module writes (besides STATE, LOCK, MARKER): nothing else is ever deleted.
 _CHECKPOINT_FILE = re.compile(r"(?:(?:factors|gram|stage)-[A-Za-z0-9_.-]*-[0-9a-f]{8}|hidden-\d+|signals)\.safetensors")
