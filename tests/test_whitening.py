@@ -366,9 +366,13 @@ def test_svd_routes_equal_lapacks_svd_of_the_whole_whitened_matrix(monkeypatch, 
         assert torch.allclose(w_hat, _reference(ws, gram, method, k)[1], rtol=1e-8, atol=1e-8 * scale)
 
 
+@pytest.mark.parametrize("scipy_from", [16, 2048])  # SciPy's LAPACK route at this width, or torch's
 @pytest.mark.parametrize("inference", [False, True])  # the walk's Grams are inference tensors
-def test_symmetric_eigh_equals_torch_and_puts_the_vectors_in_the_matrix(inference):
+def test_symmetric_eigh_equals_torch_and_puts_the_vectors_in_the_matrix(monkeypatch, inference, scipy_from):
+    from workbench.engine import whitening
     from workbench.engine.whitening import symmetric_eigh
+
+    monkeypatch.setattr(whitening, "EIGH_IN_PLACE_FROM", scipy_from)
 
     gram = _wide_gram(40, 25)  # singular: 15 zero eigenvalues
     expected_values, expected_vectors = torch.linalg.eigh(gram)

@@ -87,15 +87,22 @@ class Whitening:
         return m
 
 
+# Below this width SciPy's route does not pay: its copy-free call saves little memory, is slower per
+# call on small matrices (12 against 3.6 ms at n = 192 here), and its OpenBLAS threads, spinning
+# after each call, slowed the torch work that followed by ~20% in a loop of small decompositions.
+EIGH_IN_PLACE_FROM = 2048
+
+
 def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (ascending) and eigenvectors (columns) of a symmetric float64 matrix, which is overwritten.
 
-    On a CPU, LAPACK's divide-and-conquer (dsyevd) through SciPy puts the vectors in the matrix's
-    own memory: torch's eigh copies it first, even given it as `out` (3·n² values beside the matrix
-    instead of LAPACK's 2·n² of workspace; at n = 4096, 0.39 against 0.26 GiB measured, and 9.7
-    against 8.1 s, on this project's 2-core CPU). Elsewhere torch's eigh, written into the matrix.
+    On a CPU, from EIGH_IN_PLACE_FROM wide, LAPACK's divide-and-conquer (dsyevd) through SciPy puts
+    the vectors in the matrix's own memory: torch's eigh copies it first, even given it as `out`
+    (3·n² values beside the matrix instead of LAPACK's 2·n² of workspace; at n = 4096, 0.39 against
+    0.26 GiB measured, and 9.7 against 8.1 s, on this project's 2-core CPU). Elsewhere torch's eigh,
+    written into the matrix.
     """
-    if matrix.device.type != "cpu":
+    if matrix.device.type != "cpu" or matrix.shape[0] < EIGH_IN_PLACE_FROM:
         with torch.inference_mode():  # the walk's Grams are inference tensors
             return torch.linalg.eigh(matrix, out=(matrix.new_empty(matrix.shape[0]), matrix))
     from scipy.linalg import eigh
