@@ -17,7 +17,7 @@ from workbench.engine.grouping import GroupPlan, module_prefix
 from workbench.engine.lowrank import LowRankLinear, factor_linear
 from workbench.engine.numerics import check_factors, loss_check_failed
 from workbench.engine.state import CalibrationCheckpoint, CalibrationState  # noqa: F401 - CalibrationState re-exported
-from workbench.engine.walk import Factor, GramStatistics, LayerWalk, Strategies, shared_by, spent_by
+from workbench.engine.walk import Factor, GramStatistics, LayerWalk, Strategies, shared_by, spent_by, whitening_key
 from workbench.engine.whitening import Whitening
 from workbench.api import Adapter, Allocator, GroupSpectrum, break_even_rank
 
@@ -95,7 +95,7 @@ def group_factorer(whitening: str, device: torch.device, events: EventBus, full_
 
     def factor(layers, plan: GroupPlan, grams: dict) -> tuple[GroupFactors, dict[str, Any]]:
         spent, share = spent_by(grams, plan.key), shared_by(grams, plan.key)
-        mine = (plan.site.input_group, tuple(plan.layers))
+        mine = whitening_key(plan)
         for gone in [w for w in reused if any((w[0], j) not in grams for j in w[1])]:
             del reused[gone]  # its layer is done (under torchrun its last reader may have run elsewhere)
         f = _factor_group(layers, plan, grams, whitening, device, full_factors, spent,

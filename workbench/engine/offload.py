@@ -354,14 +354,27 @@ class HostInputs(LayerInputs):
             self._park_outputs()
 
     def _park_outputs(self) -> None:
-        from safetensors.torch import load_file, save_file
-
-        self.park.mkdir(parents=True, exist_ok=True)
         for j, batch in enumerate(self.batches):  # a file per batch: safetensors copies what it writes
-            path, partial = self.park / f"inputs-{j:05d}.safetensors", self.park / f"inputs-{j:05d}.partial"
-            save_file({"hidden": batch.hidden.contiguous()}, str(partial))
-            os.replace(partial, path)  # a new file: the last layer's, if still mapped somewhere, stays intact
-            batch.hidden = load_file(str(path))["hidden"]
+            batch.hidden = write_mapped(self.park / f"inputs-{j:05d}.safetensors", {"hidden": batch.hidden})["hidden"]
+
+
+def write_mapped(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Write `tensors` to a safetensors file and return them mapped from it (pages read when used).
+
+    Written beside and renamed over `path`: a file of that name still mapped somewhere stays intact."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file({name: t.contiguous() for name, t in tensors.items()}, str(partial))
+    os.replace(partial, path)
+    return _mapped(path)
+
+
+def _mapped(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def factors_to_host(factor: Callable, spill: "FactorSpill | None" = None) -> Callable:
@@ -398,25 +411,16 @@ class FactorSpill:
         self.files: dict[str, Path] = {}
 
     def write(self, key: str, factors: Any) -> None:
-        from safetensors.torch import save_file
-
-        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"group-{len(self.files):05d}.safetensors"
-        save_file({"u": factors.u.contiguous(), "vt_linv": factors.vt_linv.contiguous()}, str(path))
         self.files[key] = path
-        self._map(factors, path)
-
-    @staticmethod
-    def _map(factors: Any, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        mapped = load_file(str(path))
+        mapped = write_mapped(path, {"u": factors.u, "vt_linv": factors.vt_linv})
         factors.u, factors.vt_linv = mapped["u"], mapped["vt_linv"]
 
     def remap(self, factors: dict) -> None:
         for key, path in self.files.items():
             if key in factors:
-                self._map(factors[key], path)
+                mapped = _mapped(path)
+                factors[key].u, factors[key].vt_linv = mapped["u"], mapped["vt_linv"]
 
 
 def strategies(offloaded: OffloadedLayers, plans: Sequence[Any], accumulator, park: Path | None = None) -> Strategies:

@@ -188,7 +188,7 @@ def shared_by(stats: dict, key: str) -> bool | None:
     return getattr(stats, "shared", {}).get(key)
 
 
-def _whitening(plan: GroupPlan) -> tuple[str, tuple[int, ...]]:
+def whitening_key(plan: GroupPlan) -> tuple[str, tuple[int, ...]]:
     """What a group's whitening depends on: its input group and layers (q/k/v of one layer share it)."""
     return plan.site.input_group, tuple(plan.layers)
 
@@ -198,12 +198,12 @@ def _shared_whitenings(ready: Sequence[GroupPlan], pending: Sequence[GroupPlan])
     out: dict[str, bool] = {}
     seen: set = set()
     for index, plan in enumerate(ready):
-        mine = _whitening(plan)
-        if mine in seen or not any(_whitening(p) == mine for p in ready[index + 1:]):
+        mine = whitening_key(plan)
+        if mine in seen or not any(whitening_key(p) == mine for p in ready[index + 1:]):
             continue
         seen.add(mine)
         keys = {(mine[0], j) for j in mine[1]}
-        out[plan.key] = not any(_whitening(p) != mine and keys & {(p.site.input_group, j) for j in p.layers}
+        out[plan.key] = not any(whitening_key(p) != mine and keys & {(p.site.input_group, j) for j in p.layers}
                                 for p in (*ready, *pending))
     return out
 
