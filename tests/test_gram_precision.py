@@ -53,6 +53,31 @@ def test_the_gram_error_is_bounded_per_channel_pair_despite_massive_channels(mon
     assert scaled[3:, 3:].max() < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_inputs_are_copied_a_chunk_of_rows_and_a_column_block_at_a_time(monkeypatch, dtype):
+    """Several row chunks (a ragged last one) and 3 × 3 column blocks: both modes give the float64
+    Gram of the input as given, and the caller's tensor is left as it was."""
+    monkeypatch.setattr(calibration, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(calibration, "BLOCKED_FROM", 2)
+    monkeypatch.setattr(calibration, "MAX_BLOCK", 4)
+    x = massive_activations(tokens=40, width=12).to(dtype)
+    before = x.clone()
+    exact = x.double().mT @ x.double()
+    norms = exact.diagonal().sqrt()
+    for add, tolerance in ((add_gram, 1e-14), (add_gram_equilibrated, 1e-6)):
+        gram = torch.zeros(12, 12, dtype=torch.float64)
+        add(gram, x)
+        with torch.inference_mode():
+            symmetrize(gram)
+        assert ((gram - exact).abs() / (norms[:, None] * norms[None, :])).max() < tolerance, add.__name__
+        assert torch.equal(x, before)
+
+
+def test_channel_scales_follow_the_largest_magnitude_of_either_sign():
+    x = torch.tensor([[-5.0, 0.3, 0.0], [1.0, -0.2, 0.0]])
+    assert channel_scales(x).tolist() == [8.0, 0.5, 1.0]
+
+
 def test_power_of_two_scales_are_exact_and_keep_overflowing_products_in_range():
     x = massive_activations(tokens=500)
     scale = channel_scales(x)

@@ -49,7 +49,8 @@ def test_the_terms_by_hand():
     assert est.grams == 8 * (8 * 8 + 16 * 16) == 2560
     # break-even ranks: 8×8 → min(8, 8, ⌊64/16⌋) = 4; 16→8 → min(16, 8, ⌊128/24⌋) = 5
     assert est.factors == 4 * (4 * (8 + 8) + 5 * (16 + 8)) == 736
-    # factoring the down group: L, 8·16² (below the in-place width), + 6·8·8·16 = 8192 > forward 3·2·8·16 + 8·8·16
+    # factoring the down group: L, 8·16² (below the in-place width), + 6·8·8·16 = 8192 > the forward over
+    # 8 rows: MLP 3·2·8·16 + 8·8·16 + 2·8·8, attention 8·2·8·8
     assert est.transient == 8192
     assert est.model_file == 2 * (1000 - 96) + MODEL_EXTRAS
     assert est.checkpoint == 736 + 2560 + 2 * 256 == 3808
@@ -275,6 +276,21 @@ def test_preflight_names_the_offload_that_fits_and_checks_an_offload_run_by_the_
     with pytest.raises(UsageError) as caught:
         check(est, Path("o"), cpu, True, disk=roomy_disk, memory=lambda _: 30 * GB)
     assert "offload" not in str(caught.value)
+
+
+def test_the_forward_term_bounds_the_mlp_by_its_token_chunk_and_attention_by_the_batch():
+    batch = replace(SMALL, windows=64, batch=64)  # 256 rows per batch
+    attention = 8 * 2 * 256 * 8
+    whole = 3 * 2 * 256 * 16 + 8 * 256 * 16 + 2 * 256 * 8  # MLP activations, the hook's float64 rows, the output
+    assert estimate(batch).transient == whole == 61440
+    chunked = replace(batch, token_chunk=4)
+    assert 3 * 2 * 4 * 16 + 8 * 4 * 16 + 2 * 256 * 8 < attention
+    assert estimate(chunked).transient == attention == 32768
+    # a batch wider than the hook's row chunk: its float64 copy is CHUNK_ROWS rows
+    from workbench.engine.calibration import CHUNK_ROWS
+    long = replace(SMALL, windows=1, seq_len=2 * CHUNK_ROWS, batch=1, hidden=1, groups=[("down_in", 1, 16, 8)])
+    rows = 2 * CHUNK_ROWS
+    assert estimate(long).transient == 3 * 2 * rows * 16 + 8 * CHUNK_ROWS * 16 + 2 * rows * 1
 
 
 def test_a_wide_input_read_by_one_matrix_type_is_factored_in_its_grams_memory():

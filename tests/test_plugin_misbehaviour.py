@@ -323,3 +323,26 @@ def test_an_adapter_that_fails_to_replace_a_module_is_named(tiny_workspace):
     with pytest.raises(PluginError, match=r"adapter 'llama' failed while replacing self_attn.q_proj in layer 0: "
                                           r"AttributeError: read-only module tree"):
         assemble(model, Refuses(), plans, cal.factors, {s.key: 2 for s in cal.spectra}, cal.spectra)
+
+
+@pytest.mark.parametrize("paths, message", [
+    (["ffn"], r"adapter 'llama' names the token-wise module 'ffn', which a decoder layer of this model does not have"),
+    ("mlp", r"adapter 'llama' gave token-wise modules 'mlp'; expected a list of module paths"),
+])
+def test_an_adapters_unknown_token_wise_module_is_named_before_calibration(paths, message):
+    from conftest import tiny_llama
+    from workbench.engine.compress import calibrate
+    from workbench.engine.grouping import plan_groups
+    from workbench.events import CancelToken, EventBus
+
+    model = tiny_llama()
+    adapter = load_registry(strict=True).adapter_for(model)
+
+    class Names(type(adapter)):
+        def token_wise_modules(self, model):
+            return paths
+
+    plans = plan_groups(model, adapter, ["q_proj"], [], 1)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(PluginError, match=message):
+        calibrate(model, Names(), plans, ids, torch.device("cpu"), EventBus(), CancelToken())

@@ -422,6 +422,61 @@ def test_shared_whitenings_name_the_first_reader_and_whether_it_may_overwrite():
     assert _shared_whitenings([gate, gate2], [gate, gate2, pending_up]) == {"gate@3": False}
 
 
+def test_walk_runs_the_adapters_token_wise_modules_in_chunks_with_the_same_statistics(dense_setup, monkeypatch):
+    """The MLP runs over at most TOKEN_CHUNK tokens at a time (a ragged last chunk included); the
+    Grams are those of the whole model's forward, and the walk leaves the modules as it found them."""
+    from workbench.engine import calibration
+
+    model, adapter, plans, ids = dense_setup
+    assert adapter.token_wise_modules(model) == ["mlp"]
+    monkeypatch.setattr(calibration, "TOKEN_CHUNK", 5)  # batches of 80, 80 and 32 tokens: the last chunk is 2
+    layers = adapter.decoder_layers(model)
+    rows: list[int] = []
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, args: rows.append(args[0].reshape(
+        -1, args[0].shape[-1]).shape[0])) for layer in layers]
+    log: list = []
+    recording = Recording(log)
+    try:
+        LayerWalk(model, adapter, plans, group_factorer("cholesky", CPU, EventBus()),
+                  Strategies(reducer=recording)).run(ids, CPU, CancelToken().check, batch_size=5)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert max(rows) == 5 and min(rows) < 5 and sum(rows) == len(layers) * ids.numel()
+    assert all("forward" not in layer.mlp.__dict__ for layer in layers)
+    for i, layer in enumerate(layers):
+        for group, module in (("mlp_out", layer.mlp.down_proj), ("mlp_in", layer.mlp.gate_proj),
+                              ("attn_in", layer.self_attn.q_proj)):
+            exact = _gram_of_inputs(model, module, ids)  # float32 activations: chunked GEMMs round differently
+            assert (recording.seen[(group, i)] - exact).norm() / exact.norm() < 1e-6, (group, i)
+
+
+def test_token_wise_chunks_restore_an_instance_forward_and_run_whole_what_is_not_token_wise():
+    from workbench.engine.calibration import token_wise_in_chunks
+
+    layer = torch.nn.Module()
+    layer.mlp = torch.nn.Linear(4, 3)
+    calls: list[tuple[int, ...]] = []
+
+    def hooked(x):  # what accelerate's hooks put on a module: an instance attribute
+        calls.append(tuple(x.shape))
+        return torch.nn.Linear.forward(layer.mlp, x)
+
+    layer.mlp.forward = hooked
+    x = torch.randn(2, 7, 4)
+    with token_wise_in_chunks(layer, ["mlp"], rows=3):
+        out = layer.mlp(x)
+    assert calls == [(3, 4), (3, 4), (3, 4), (3, 4), (2, 4)]  # 14 tokens in chunks of 3
+    assert torch.allclose(out, torch.nn.functional.linear(x, layer.mlp.weight, layer.mlp.bias))
+    assert layer.mlp.forward is hooked
+
+    layer.pool = torch.nn.Module()  # mixes tokens: its first chunk's output has the wrong length
+    layer.pool.forward = lambda x: x.mean(dim=0, keepdim=True)
+    with token_wise_in_chunks(layer, ["pool"], rows=3):
+        pooled = layer.pool(x.reshape(-1, 4))
+    assert torch.allclose(pooled, x.reshape(-1, 4).mean(dim=0, keepdim=True))
+
+
 def test_walk_c_a_placement_sees_each_layer_go_on_and_off_the_device(dense_setup):
     model, adapter, plans, ids = dense_setup
     model = copy.deepcopy(model)

@@ -244,6 +244,12 @@ class Adapter(Plugin):
     def sites(self, model: "nn.Module") -> list[Site]:
         raise NotImplementedError
 
+    def token_wise_modules(self, model: "nn.Module") -> list[str]:
+        """Paths inside one decoder layer of modules that act on each token alone (an MLP, not
+        attention): calibration runs them over a bounded number of tokens at a time, so their
+        activations do not grow with the batch. Default: none."""
+        return []
+
     def default_targets(self, model: "nn.Module") -> list[str]:
         return [s.matrix_type for s in self.sites(model)]
 

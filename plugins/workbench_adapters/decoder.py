@@ -84,5 +84,8 @@ class GatedDecoderAdapter(Adapter):
     def sites(self, model: nn.Module) -> list[Site]:
         return list(DECODER_SITES)
 
+    def token_wise_modules(self, model: nn.Module) -> list[str]:
+        return ["mlp"]  # gate, up, down act on each token alone
+
     def default_group_size(self, model: nn.Module, matrix_type: str) -> int:
         return SHARED_GROUP_SIZE if matrix_type in self.shared_types else 1

@@ -72,6 +72,22 @@ def group_size_of(model: nn.Module, adapter: Adapter, matrix_type: str, lookup: 
     return size
 
 
+def token_wise_paths(model: nn.Module, adapter: Adapter) -> list[str]:
+    """The modules the adapter says act on each token alone, checked against every decoder layer."""
+    with blame(f"adapter '{adapter.name}'", "naming its token-wise modules"):
+        paths = getattr(adapter, "token_wise_modules", lambda m: [])(model)
+    if not isinstance(paths, (list, tuple)) or not all(isinstance(p, str) for p in paths):
+        raise PluginError(f"adapter '{adapter.name}' gave token-wise modules {paths!r}; expected a list of module paths")
+    for layer in adapter.decoder_layers(model):
+        for path in paths:
+            try:
+                layer.get_submodule(path)
+            except AttributeError:
+                raise PluginError(f"adapter '{adapter.name}' names the token-wise module {path!r}, which a decoder "
+                                  "layer of this model does not have") from None
+    return list(paths)
+
+
 def plan_groups(model: nn.Module, adapter: Adapter, targets: Sequence[str] | None, ignore: Sequence[str],
                 group_size: GroupSizes = None) -> list[GroupPlan]:
     """Groups of up to n consecutive targeted layers per matrix type (the last group may be shorter).

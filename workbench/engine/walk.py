@@ -4,7 +4,8 @@
     for each layer i (from a checkpoint's `next_layer` on):
       place       Placement.before(i, layer); the layer's targeted weights are checked for NaN/Inf
       accumulate  the Accumulator watches the layer's input groups while Propagator.forward runs the
-                  layer over every batch
+                  layer over every batch (the adapter's token-wise modules, such as the MLP, over
+                  chunks of at most TOKEN_CHUNK tokens)
       reduce      Reducer.reduce(i, statistics, tokens): every per-layer statistic passes through here
                   before anything uses it (where an all-reduce across processes goes)
       factor      each group whose last layer is i, from its layers' statistics (the `factor` callable,
@@ -28,9 +29,10 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import nn
 
-from workbench.engine.calibration import GramAccumulator, LayerBatch, capture_layer_inputs, run_layer
+from workbench.engine.calibration import (GramAccumulator, LayerBatch, capture_layer_inputs, run_layer,
+                                          token_wise_in_chunks)
 from workbench.engine.factorize import GroupFactors
-from workbench.engine.grouping import GroupPlan
+from workbench.engine.grouping import GroupPlan, token_wise_paths
 from workbench.engine.numerics import check_gram, check_layer_weights
 from workbench.engine.state import CalibrationState
 from workbench.errors import RunFailed
@@ -274,6 +276,7 @@ class LayerWalk:
             for i in plan.layers:
                 needed.setdefault(i, set()).add(plan.site.input_group)
         pending = {plan.key: plan for plan in plans}
+        token_wise = token_wise_paths(self.model, self.adapter)
         stats = LayerStatistics()
         factors: dict[str, GroupFactors] = {}
         report: list[dict[str, Any]] = []
@@ -299,7 +302,8 @@ class LayerWalk:
                         modules[group] = layer.get_submodule(site.path)
                     s.accumulator.start(i, layer, modules)
                     try:
-                        s.propagator.forward(i, layer, check)
+                        with token_wise_in_chunks(layer, token_wise):
+                            s.propagator.forward(i, layer, check)
                     finally:
                         s.accumulator.stop()
                     tokens = _file_statistics(stats, i, *s.reducer.reduce(i, *s.accumulator.stats()), plans, tokens)

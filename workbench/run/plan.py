@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from workbench.api import break_even_rank
+from workbench.engine.calibration import CHUNK_ROWS
 from workbench.engine.whitening import IN_PLACE_FROM
 
 MODES = ("none", "cpu", "disk")  # least offload first: `choose_offload` takes the first that fits
@@ -71,6 +72,7 @@ class Shapes:
     mask_training: bool = False  # the allocator needs the ara signal (rank masks trained by backpropagation)
     eval_tokens: int = 0  # the largest evaluation batch: windows × seq_len, whose logits are formed at once
     sole_inputs: frozenset[str] = frozenset()  # input groups one matrix type alone reads (down_proj's)
+    token_chunk: int = 0  # tokens per pass of the adapter's token-wise modules (the MLP); 0: the whole batch
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,13 @@ def estimate(s: Shapes) -> Estimate:
     factoring = max((0 if n == 1 and i >= IN_PLACE_FROM and name in s.sole_inputs else 8 * i * i) + 6 * 8 * n * o * i
                     for name, n, i, o in s.groups)
     rows, widest_in = min(s.batch, s.windows) * s.seq_len, max(i for _, _, i, _ in s.groups)
-    forward = 3 * b * rows * widest_in + 8 * rows * widest_in  # MLP activations + the Gram hook's float64 copy
+    # One layer's forward over a batch: attention's projections, rotated copies and outputs (about
+    # 8 hidden-wide tensors, measured 8.0–8.5 at LLaMA-7B widths), or the MLP over a chunk of tokens
+    # (three MLP-wide activations, the Gram hook's float64 copy of its rows) beside the batch's output.
+    mlp_rows = min(rows, s.token_chunk) if s.token_chunk else rows
+    attention = 8 * b * rows * s.hidden
+    mlp = 3 * b * mlp_rows * widest_in + 8 * min(mlp_rows, CHUNK_ROWS) * widest_in + b * rows * s.hidden
+    forward = max(attention, mlp)
     targeted = sum(n * i * o for _, n, i, o in s.groups)
     model_file = int(b * (s.params - s.ratio * targeted)) + MODEL_EXTRAS
     # Factors + the Grams of pending groups + two layers' inputs (the new one is written before the old goes).

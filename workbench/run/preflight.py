@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 import psutil
 import torch
 
+from workbench.engine.calibration import TOKEN_CHUNK
+from workbench.engine.grouping import token_wise_paths
 from workbench.errors import UsageError
 from workbench.render.numbers import format_bytes as human
 from workbench.run import plan
@@ -38,12 +40,13 @@ def shapes_of(model: torch.nn.Module, plans: Sequence, profile, params: int, ada
     hidden = getattr(config, "hidden_size", None) or plans[0].in_features
     heads = getattr(config, "num_attention_heads", None)
     head_dim = getattr(config, "head_dim", None) or (hidden // heads if heads else 0)
-    whole = dict(layers=0, layer_params=0, edge_params=0)
+    whole = dict(layers=0, layer_params=0, edge_params=0, token_chunk=0)
     if adapter is not None:
         layers = adapter.decoder_layers(model)
         edges = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
         whole = dict(layers=len(layers), layer_params=max(_count(layer) for layer in layers),
-                     edge_params=max((_count(m) for m in edges), default=0))
+                     edge_params=max((_count(m) for m in edges), default=0),
+                     token_chunk=TOKEN_CHUNK if token_wise_paths(model, adapter) else 0)
     return Shapes(params, next(model.parameters()).element_size(), hidden, head_dim,
                   [(p.site.input_group, len(p.layers), p.in_features, p.out_features) for p in plans],
                   profile.calibration.samples, profile.calibration.seq_len, profile.compression.ratio,
