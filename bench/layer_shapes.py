@@ -120,10 +120,10 @@ def main() -> None:
     factoring: dict[int, float] = {}  # last layer of the group -> seconds spent factoring there
     original = compress._factor_group
 
-    def timed_factor(layers, plan, grams, *rest):
+    def timed_factor(layers, plan, grams, *rest, **options):
         start = time.perf_counter()
         try:
-            return original(layers, plan, grams, *rest)
+            return original(layers, plan, grams, *rest, **options)
         finally:
             factoring[plan.layers[-1]] = factoring.get(plan.layers[-1], 0.0) + time.perf_counter() - start
 
@@ -164,7 +164,7 @@ def main() -> None:
                               groups=groups, windows=args.samples, seq_len=args.seq_len, ratio=0.2))
         return {"inputs": est.inputs, "grams": est.grams, "factors": est.factors, "transient": est.transient}
 
-    run = SimpleNamespace(calibration=SimpleNamespace(samples=args.samples, seq_len=args.seq_len),
+    run = SimpleNamespace(calibration=SimpleNamespace(samples=args.samples, seq_len=args.seq_len, batch_size=8),
                           compression=SimpleNamespace(ratio=0.2), evaluate=())
     measured_shapes = shapes_of(model, plans, run, sum(p.numel() for p in model.parameters()))
     this_run = estimate(measured_shapes)
