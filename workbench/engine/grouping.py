@@ -75,7 +75,7 @@ def group_size_of(model: nn.Module, adapter: Adapter, matrix_type: str, lookup: 
 def token_wise_paths(model: nn.Module, adapter: Adapter) -> list[str]:
     """The modules the adapter says act on each token alone, checked against every decoder layer."""
     with blame(f"adapter '{adapter.name}'", "naming its token-wise modules"):
-        paths = getattr(adapter, "token_wise_modules", lambda m: [])(model)
+        paths = adapter.token_wise_modules(model)
     if not isinstance(paths, (list, tuple)) or not all(isinstance(p, str) for p in paths):
         raise PluginError(f"adapter '{adapter.name}' gave token-wise modules {paths!r}; expected a list of module paths")
     for layer in adapter.decoder_layers(model):
