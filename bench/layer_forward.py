@@ -35,16 +35,17 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 from workbench.engine.calibration import TOKEN_CHUNK, GramAccumulator, token_wise_in_chunks
 from workbench.engine.offload import return_freed_host_memory
 
+from rss_watch import status_bytes  # bench/ is on the path when this runs as a script
+
 HIDDEN, MLP, HEADS, SEQ = 4096, 11008, 32, 1024
 WATCHED = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
 
 
 def _anon_rss() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
+    found = status_bytes("self", ("RssAnon",))
+    if "RssAnon" not in found:
+        raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
+    return found["RssAnon"]
 
 
 class PhaseSampler:

@@ -22,13 +22,14 @@ from collections import defaultdict
 FIELDS = ("RssAnon", "RssFile", "VmRSS", "VmHWM")
 
 
-def status_mib(pid: str) -> dict[str, int]:
+def status_bytes(pid: str, fields: tuple[str, ...] = FIELDS) -> dict[str, int]:
+    """Those of `fields` that /proc/<pid>/status reports ("self": this process), in bytes."""
     values = {}
     with open(f"/proc/{pid}/status") as status:
         for line in status:
             key = line.split(":")[0]
-            if key in FIELDS:
-                values[key] = int(line.split()[1]) // 1024
+            if key in fields:
+                values[key] = int(line.split()[1]) * 1024
     return values
 
 
@@ -45,10 +46,10 @@ def main() -> None:
             found = subprocess.run(["pgrep", "-f", args.match], capture_output=True, text=True).stdout.split()
             for pid in found:
                 try:
-                    values = status_mib(pid)
+                    values = status_bytes(pid)
                 except OSError:  # gone between pgrep and the read
                     continue
-                row = [round(time.time() - start, 1), pid, *(values.get(k) for k in FIELDS)]
+                row = [round(time.time() - start, 1), pid, *(values[k] >> 20 if k in values else None for k in FIELDS)]
                 rows[pid].append(row)
                 out.write(" ".join(map(str, row)) + "\n")
                 out.flush()
