@@ -42,3 +42,11 @@ def test_offload_bench_runs_each_mode_and_finds_the_same_ranks(tmp_path):
     for run in result["runs"].values():
         assert run["peak_rss_bytes"] > result["baseline_rss_bytes"] > 0
         assert run["ranks"] and all(rank > 0 for _, rank in run["ranks"])
+
+
+def test_gram_panels_times_each_panel_width_in_each_mode():
+    out = _run("gram_panels.py", "--widths", "40", "--panels", "16", "64", "--repeats", "1")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [row["mode"] for row in rows] == ["float32", "float32, scaled", "float64"]
+    for row in rows:  # a panel as wide as the input or wider is the whole product, not timed twice
+        assert set(row["ms"]) == {"whole", "16"} and all(v > 0 for v in row["ms"].values())

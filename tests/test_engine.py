@@ -158,11 +158,11 @@ def test_allocator_answers_are_checked(registry, gqa_model, calib_ids, answer, m
     assert "bad-plugin 1.0" in str(info.value)
 
 
-def test_wide_inputs_take_the_blocked_gram_path_exactly(registry, calib_ids):
-    """down_proj's 1024-wide input is accumulated in blocks; the factor path must stay exact."""
-    from workbench.engine.calibration import BLOCKED_FROM
+def test_wide_inputs_take_the_panelled_gram_path_exactly(registry, calib_ids):
+    """down_proj's input, wider than a panel, is accumulated in several; the factor path must stay exact."""
+    from workbench.engine.calibration import PANEL
 
-    model = tiny_llama(layers=2, intermediate=BLOCKED_FROM)
+    model = tiny_llama(layers=2, intermediate=2 * PANEL + 64)
     with torch.no_grad():
         dense = model(calib_ids[:2]).logits
     cal, _, _ = _compress(model, registry, calib_ids, 0.0, 1, full=True)

@@ -33,13 +33,11 @@ def gram_of(x: torch.Tensor, precision: str, batch: int = 1000) -> torch.Tensor:
         return symmetrize(gram).clone()
 
 
-@pytest.mark.parametrize("blocks", [1, 5])  # the whole product, or an upper triangle of 5 × 5 column blocks
-def test_the_gram_error_is_bounded_per_channel_pair_despite_massive_channels(monkeypatch, blocks):
+@pytest.mark.parametrize("panels", [1, 5])  # the whole product, or the upper part in 5 row panels
+def test_the_gram_error_is_bounded_per_channel_pair_despite_massive_channels(monkeypatch, panels):
     x = massive_activations()
-    if blocks > 1:
-        monkeypatch.setattr(calibration, "BLOCKED_FROM", 2)
-        monkeypatch.setattr(calibration, "MAX_BLOCK", -(-x.shape[1] // blocks))
-        assert len(calibration._edges(x.shape[1])) == blocks + 1
+    monkeypatch.setattr(calibration, "PANEL", -(-x.shape[1] // panels))
+    assert len(calibration.upper_products(x.shape[1])) == panels
     exact = x.double().mT @ x.double()
     gram = gram_of(x, "float32-equilibrated")
     assert (gram == gram.mT).all()
@@ -53,13 +51,17 @@ def test_the_gram_error_is_bounded_per_channel_pair_despite_massive_channels(mon
     assert scaled[3:, 3:].max() < 1e-5
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_inputs_are_copied_a_chunk_of_rows_and_a_column_block_at_a_time(monkeypatch, dtype):
-    """Several row chunks (a ragged last one) and 3 × 3 column blocks: both modes give the float64
-    Gram of the input as given, and the caller's tensor is left as it was."""
+def test_inputs_are_copied_a_chunk_of_rows_and_a_column_piece_at_a_time(monkeypatch, dtype, scaled):
+    """Several row chunks (a ragged last one), panels of 4 columns and pieces of at most 5: both
+    modes (the equilibrated one with and without scaled copies) give the float64 Gram of the input
+    as given, exactly symmetric, and the caller's tensor is left as it was."""
     monkeypatch.setattr(calibration, "CHUNK_ROWS", 7)
-    monkeypatch.setattr(calibration, "BLOCKED_FROM", 2)
-    monkeypatch.setattr(calibration, "MAX_BLOCK", 4)
+    monkeypatch.setattr(calibration, "PANEL", 4)
+    monkeypatch.setattr(calibration, "MAX_COLUMNS", 5)
+    if scaled:  # no channel counts as in range: every chunk is scaled
+        monkeypatch.setattr(calibration, "UNSCALED_RANGE", 1.0)
     x = massive_activations(tokens=40, width=12).to(dtype)
     before = x.clone()
     exact = x.double().mT @ x.double()
@@ -69,8 +71,26 @@ def test_inputs_are_copied_a_chunk_of_rows_and_a_column_block_at_a_time(monkeypa
         add(gram, x)
         with torch.inference_mode():
             symmetrize(gram)
+        assert torch.equal(gram, gram.mT)
         assert ((gram - exact).abs() / (norms[:, None] * norms[None, :])).max() < tolerance, add.__name__
         assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_beyond_the_unscaled_range_are_scaled(dtype):
+    """A channel of 1e25 squares past float32's range, one of 1e-25 below it: unscaled products would
+    give Inf and 0. The chunk is scaled and both keep the error bound relative to their own norms."""
+    x = massive_activations(tokens=500, width=16).double()
+    x[:, 4] *= 1e25
+    x[:, 7] *= 1e-25
+    x = x.to(dtype)
+    scales = channel_scales(x)
+    assert scales[4] > calibration.UNSCALED_RANGE and scales[7] < 1 / calibration.UNSCALED_RANGE
+    exact = x.double().mT @ x.double()
+    norms = exact.diagonal().sqrt()
+    gram = gram_of(x, "float32-equilibrated", batch=200)
+    assert torch.isfinite(gram).all()
+    assert ((gram - exact).abs() / (norms[:, None] * norms[None, :])).max() < 1e-6
 
 
 def test_channel_scales_follow_the_largest_magnitude_of_either_sign():

@@ -101,13 +101,20 @@ def test_lazy_weights_read_each_tensor_from_its_shard(tmp_path):
     assert "a" in view and "c" not in view and torch.equal(view["b"], b)
 
 
-def test_host_inputs_give_the_default_propagators_outputs(calib_ids, tmp_path):
+def test_host_inputs_give_the_default_propagators_outputs(calib_ids, tmp_path, monkeypatch):
     """On a CPU the host is the device: HostInputs must be the default LayerInputs, bit for bit, also
-    with its outputs parked in files between layers (offload "disk")."""
+    with its outputs parked in files between layers (offload "disk"); each runs a layer over passes
+    of whole sequences (here one, as TOKEN_CHUNK is below a window's length)."""
+    from workbench.engine import calibration
     from workbench.engine.walk import LayerInputs
 
+    monkeypatch.setattr(calibration, "TOKEN_CHUNK", calib_ids.shape[1] - 1)
     model = tiny_llama()
     layers = model.model.layers
+    sequences: list[int] = []  # per call of a layer past the first (whose hooks see the capture too)
+    for layer in layers[1:]:
+        layer.register_forward_pre_hook(lambda m, args, kwargs: sequences.append(
+            (args[0] if args else kwargs["hidden_states"]).shape[0]), with_kwargs=True)
     results = []
     parked = HostInputs(Devices(CPU, "disk"), park=tmp_path / "spill")
     for propagator in (LayerInputs(), HostInputs(Devices(CPU, "cpu")), parked):
@@ -117,11 +124,50 @@ def test_host_inputs_give_the_default_propagators_outputs(calib_ids, tmp_path):
             propagator.advance(i)
         results.append(torch.cat(propagator.inputs()))
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert set(sequences) == {1} and len(sequences) == 3 * (len(layers) - 1) * calib_ids.shape[0]
     files = sorted((tmp_path / "spill").glob("inputs-*.safetensors"))
     assert len(files) == len(parked.batches) > 1 and not list((tmp_path / "spill").glob("*.partial"))
     maps = Path("/proc/self/maps")
     if maps.exists():  # mapped from the files, not read into the process's own memory
         assert str(files[0]) in maps.read_text()
+    # what a reader of the inputs (the checkpoint) maps is its own mapping, gone with it
+    first = parked.batches[0].hidden
+    fresh = parked.inputs()
+    assert torch.equal(fresh[0], first) and fresh[0].data_ptr() != first.data_ptr()
+    del fresh
+    if maps.exists():  # each input file replaced by its output is unmapped: only the current files stay mapped
+        spill = [line for line in maps.read_text().splitlines() if str(tmp_path / "spill") in line]
+        assert spill and not any("(deleted)" in line for line in spill)
+        assert {line.split()[-1] for line in spill} <= {str(f) for f in files}
+
+
+def _file_mapped(tensor: torch.Tensor, folder: Path) -> bool:
+    """Whether `tensor`'s memory is a mapping of a file in `folder` (Linux's /proc/self/maps)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].startswith(str(folder)):
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            if start <= tensor.data_ptr() < end:
+                return True
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+def test_parked_outputs_are_written_as_each_batch_is_done(calib_ids, tmp_path):
+    """Under "disk" a batch's output goes to its file before the next batch runs: while the last
+    batch runs, every earlier one is already a file mapping, not host memory."""
+    model = tiny_llama()
+    layers = model.model.layers
+    parked = HostInputs(Devices(CPU, "disk"), park=tmp_path / "spill")
+    parked.capture(model, layers[0], calib_ids, 4, CPU, lambda: None)
+    assert len(parked.batches) > 2
+    seen: list[list[bool]] = []
+    layers[0].register_forward_pre_hook(
+        lambda m, args: seen.append([_file_mapped(b.hidden, tmp_path / "spill") for b in parked.batches]))
+    parked.forward(0, layers[0], None)
+    assert seen[0] == [False] * len(parked.batches)  # captured in host memory
+    assert seen[-1] == [True] * (len(parked.batches) - 1) + [False]
+    assert all(_file_mapped(b.hidden, tmp_path / "spill") for b in parked.batches)
 
 
 # ---------------------------------------------------------------------------------- same answer

@@ -278,7 +278,7 @@ def test_preflight_names_the_offload_that_fits_and_checks_an_offload_run_by_the_
     assert "offload" not in str(caught.value)
 
 
-def test_the_forward_term_bounds_the_mlp_by_its_token_chunk_and_attention_by_the_batch():
+def test_the_forward_term_bounds_the_mlp_by_its_token_chunk_and_attention_by_the_layer_pass():
     batch = replace(SMALL, windows=64, batch=64)  # 256 rows per batch
     attention = 8 * 2 * 256 * 8
     whole = 3 * 2 * 256 * 16 + 8 * 256 * 16 + 2 * 256 * 8  # MLP activations, the hook's float64 rows, the output
@@ -286,6 +286,12 @@ def test_the_forward_term_bounds_the_mlp_by_its_token_chunk_and_attention_by_the
     chunked = replace(batch, token_chunk=4)
     assert 3 * 2 * 4 * 16 + 8 * 4 * 16 + 2 * 256 * 8 < attention
     assert estimate(chunked).transient == attention == 32768
+    # the layer over passes of whole sequences (16 of 4 tokens): attention holds a pass's 8 tensors
+    # beside the batch's output, 12288 > the factoring's 8192 and the chunked MLP's 4992
+    passes = replace(chunked, pass_tokens=64)
+    assert 3 * 2 * 4 * 16 + 8 * 4 * 16 + 2 * 256 * 8 == 4992
+    assert estimate(passes).transient == 8 * 2 * 64 * 8 + 2 * 256 * 8 == 12288
+    assert estimate(replace(chunked, pass_tokens=3)).transient == 8192  # one sequence a pass: 512 + 4096 (attention), 4992 (MLP) < 8192
     # a batch wider than the hook's row chunk: its float64 copy is CHUNK_ROWS rows
     from workbench.engine.calibration import CHUNK_ROWS
     long = replace(SMALL, windows=1, seq_len=2 * CHUNK_ROWS, batch=1, hidden=1, groups=[("down_in", 1, 16, 8)])

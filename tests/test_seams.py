@@ -423,8 +423,9 @@ def test_shared_whitenings_name_the_first_reader_and_whether_it_may_overwrite():
 
 
 def test_walk_runs_the_adapters_token_wise_modules_in_chunks_with_the_same_statistics(dense_setup, monkeypatch):
-    """The MLP runs over at most TOKEN_CHUNK tokens at a time (a ragged last chunk included); the
-    Grams are those of the whole model's forward, and the walk leaves the modules as it found them."""
+    """Each layer runs over whole sequences of at most TOKEN_CHUNK tokens (one at least) and its MLP
+    over at most TOKEN_CHUNK tokens at a time (a ragged last chunk included); the Grams are those of
+    the whole model's forward, and the walk leaves the modules as it found them."""
     from workbench.engine import calibration
 
     model, adapter, plans, ids = dense_setup
@@ -432,8 +433,11 @@ def test_walk_runs_the_adapters_token_wise_modules_in_chunks_with_the_same_stati
     monkeypatch.setattr(calibration, "TOKEN_CHUNK", 5)  # batches of 80, 80 and 32 tokens: the last chunk is 2
     layers = adapter.decoder_layers(model)
     rows: list[int] = []
+    sequences: list[int] = []  # per call of a decoder layer past the first (whose hooks see the capture too)
     handles = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, args: rows.append(args[0].reshape(
         -1, args[0].shape[-1]).shape[0])) for layer in layers]
+    handles += [layer.register_forward_pre_hook(lambda m, args, kwargs: sequences.append(
+        (args[0] if args else kwargs["hidden_states"]).shape[0]), with_kwargs=True) for layer in layers[1:]]
     log: list = []
     recording = Recording(log)
     try:
@@ -443,12 +447,64 @@ def test_walk_runs_the_adapters_token_wise_modules_in_chunks_with_the_same_stati
         for handle in handles:
             handle.remove()
     assert max(rows) == 5 and min(rows) < 5 and sum(rows) == len(layers) * ids.numel()
+    assert set(sequences) == {1} and len(sequences) == (len(layers) - 1) * ids.shape[0]  # one 16-token sequence a pass
     assert all("forward" not in layer.mlp.__dict__ for layer in layers)
     for i, layer in enumerate(layers):
         for group, module in (("mlp_out", layer.mlp.down_proj), ("mlp_in", layer.mlp.gate_proj),
                               ("attn_in", layer.self_attn.q_proj)):
             exact = _gram_of_inputs(model, module, ids)  # float32 activations: chunked GEMMs round differently
             assert (recording.seen[(group, i)] - exact).norm() / exact.norm() < 1e-6, (group, i)
+
+
+class _PerSequence(torch.nn.Module):
+    """A stand-in decoder layer whose output per sequence depends on that sequence's arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[dict] = []
+
+    def forward(self, hidden, attention_mask=None, position_ids=None, position_embeddings=None,
+                cache_position=None, use_cache=False):
+        self.calls.append({"hidden": hidden.shape[0], "mask": attention_mask.shape[0],
+                           "positions": position_ids.shape[0], "cos": position_embeddings[0].shape[0]})
+        cos, sin = position_embeddings
+        out = hidden * 2 + attention_mask.sum(dim=(1, 2, 3))[:, None, None] + position_ids[..., None]
+        return (out + cos.sum(-1, keepdim=True) - sin.sum(-1, keepdim=True) + cache_position.sum(),)
+
+
+def test_a_layer_runs_over_whole_sequences_with_each_ones_own_arguments():
+    """Arguments with a row per sequence are cut with the batch; those the batch shares (a (1, S) table,
+    a 1-D cache position, even one as long as the batch) are passed whole; the output is the whole batch's."""
+    from workbench.engine.calibration import layer_forward
+
+    g = torch.Generator().manual_seed(0)
+    batch, seq = 7, 7
+    hidden = torch.randn(batch, seq, 4, generator=g)
+    kwargs = {"attention_mask": torch.randn(batch, 1, seq, seq, generator=g),
+              "position_ids": torch.arange(seq)[None].float(),
+              "position_embeddings": (torch.randn(batch, seq, 3, generator=g), torch.randn(batch, seq, 3, generator=g)),
+              "cache_position": torch.arange(seq).float(), "use_cache": False}
+    layer = _PerSequence()
+    whole = layer(hidden, **kwargs)[0]
+    layer.calls.clear()
+    out = layer_forward(layer, hidden, kwargs, tokens=2 * seq + 3)  # two sequences a pass, a ragged last one
+    assert torch.equal(out, whole)
+    assert [c["hidden"] for c in layer.calls] == [2, 2, 2, 1]
+    assert all(c["mask"] == c["cos"] == c["hidden"] and c["positions"] == 1 for c in layer.calls)
+    layer.calls.clear()
+    assert torch.equal(layer_forward(layer, hidden, kwargs, tokens=1), whole)  # fewer tokens than a sequence: one
+    assert len(layer.calls) == batch
+
+
+def test_a_layer_whose_output_is_not_per_sequence_runs_whole():
+    from workbench.engine.calibration import layer_forward
+
+    class Pool(torch.nn.Module):
+        def forward(self, hidden):
+            return hidden.mean(dim=0, keepdim=True)
+
+    hidden = torch.randn(6, 3, 2)
+    assert torch.equal(layer_forward(Pool(), hidden, {}, tokens=6), hidden.mean(dim=0, keepdim=True))  # passes of 2
 
 
 def test_token_wise_chunks_restore_an_instance_forward_and_run_whole_what_is_not_token_wise():

@@ -103,13 +103,14 @@ def test_nan_gram_is_refused():
         whitening_factor(gram)
 
 
-@pytest.mark.parametrize("width,max_block,blocks", [(16, 2048, 1), (1100, 2048, 2), (1100, 300, 4)])
-def test_blocked_gram_equals_plain_float64_product(monkeypatch, width, max_block, blocks):
+@pytest.mark.parametrize("width,panel,products", [(16, 256, 1), (1100, 256, 5), (1100, 300, 4), (1100, 512, 3)])
+def test_gram_in_row_panels_equals_plain_float64_product(monkeypatch, width, panel, products):
     from workbench.engine import calibration
-    from workbench.engine.calibration import _edges, add_gram, symmetrize
+    from workbench.engine.calibration import add_gram, symmetrize, upper_products
 
-    monkeypatch.setattr(calibration, "MAX_BLOCK", max_block)
-    assert len(_edges(width)) - 1 == blocks
+    monkeypatch.setattr(calibration, "PANEL", panel)
+    monkeypatch.setattr(calibration, "MAX_COLUMNS", 700)  # and the first panels' products in two pieces
+    assert len({rows.start for _, rows, _ in upper_products(width)}) == products
 
     g = torch.Generator().manual_seed(width)
     gram = torch.zeros(width, width, dtype=torch.float64)
@@ -119,7 +120,9 @@ def test_blocked_gram_equals_plain_float64_product(monkeypatch, width, max_block
         for x in batches:
             add_gram(gram, x)
     stacked = torch.cat(batches)
-    assert torch.allclose(symmetrize(gram), stacked.T @ stacked, rtol=1e-12, atol=1e-10)
+    symmetrize(gram)
+    assert torch.equal(gram, gram.mT)
+    assert torch.allclose(gram, stacked.T @ stacked, rtol=1e-12, atol=1e-10)
 
 
 @pytest.mark.parametrize("method", ["cholesky", "eigen"])
@@ -386,3 +389,16 @@ def test_symmetric_eigh_equals_torch_and_puts_the_vectors_in_the_matrix(monkeypa
     dots = (vectors[:, top] * expected_vectors[:, top]).sum(0).abs()
     assert torch.allclose(dots, torch.ones_like(dots), atol=1e-9)
     assert torch.allclose((vectors * values) @ vectors.mT, gram, atol=1e-10 * scale)
+
+
+@pytest.mark.parametrize("n,block", [(16, 256), (600, 256), (600, 7)])
+def test_products_with_a_lower_triangular_factor_skip_its_zero_blocks_exactly(monkeypatch, n, block):
+    """M·L by column blocks, each reading L's rows from its first on, equals the whole product."""
+    from workbench.engine import whitening
+    from workbench.engine.whitening import times_lower
+
+    monkeypatch.setattr(whitening, "LOWER_BLOCK", block)
+    g = torch.Generator().manual_seed(n)
+    lower = torch.randn(n, n, generator=g, dtype=torch.float64).tril_()
+    m = torch.randn(2, 33, n, generator=g, dtype=torch.float64)
+    assert torch.allclose(times_lower(m, lower), m @ lower, rtol=1e-12, atol=1e-12 * n)

@@ -57,43 +57,54 @@ def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, windows: torc
     return batches
 
 
-# Inputs at least this wide get their Gram in column blocks, computing only the upper block
-# triangle: 3/4 of the multiply-adds with two blocks, measured ~25% faster for 1536 columns on a CPU.
-BLOCKED_FROM = 1024
-# Widest column block: bounds each block product (and its float64 copy in the float32-equilibrated
-# mode) to a block² instead of (in/2)², 0.34 GiB per batch at a 7B down_proj's 11008 columns.
-MAX_BLOCK = 2048
+# The upper part of a Gram is computed in row panels: panel P gives rows P × the columns from P's
+# first on, about half the multiply-adds of the whole XᵀX; `symmetrize` mirrors it. Panel widths
+# measured fastest on a 2-core CPU (bench/gram_panels.py): 256 columns up to 2048 wide, 512 beyond
+# (against the whole product: −29% at 576, −33% at 1536, −44% at 4096 columns).
+PANEL = 256
+WIDE_PANEL = 512
+WIDE_FROM = 2048
+# Columns per piece: the products are taken a piece of columns at a time (each panel's part of it),
+# which bounds a product to a panel × this many values and a float32 copy of the input (of a bf16
+# input, or scaled) to CHUNK_ROWS × this many: 32 MiB, not 224 MiB at a 70B down_proj's 28672 columns.
+MAX_COLUMNS = 4096
 
 GRAM_PRECISIONS = ("float64", "float32-equilibrated", "auto")
 
 # Rows per product. In the float32-equilibrated mode its rounding error grows with the
 # length m of each dot product (bound γ_m = m·u/(1 − m·u), u = 2⁻²⁴), so products are taken over
 # at most this many tokens and summed in float64: γ_2048 ≈ 1.2e-4 worst case, ~√m·u ≈ 3e-6 typical.
-# In both modes the copies made of the input (float64, or scaled float32) are of this many rows.
+# In both modes the copies made of the input (float64, or float32) are of this many rows.
 CHUNK_ROWS = 2048
 
 
-def _edges(width: int) -> list[int]:
-    if width < BLOCKED_FROM:
-        return [0, width]
-    blocks = max(2, -(-width // MAX_BLOCK))
-    return [width * i // blocks for i in range(blocks + 1)]
+def panel_width(width: int) -> int:
+    return WIDE_PANEL if width > WIDE_FROM else PANEL
 
 
-def _upper_blocks(width: int) -> list[tuple[slice, slice]]:
-    edges = _edges(width)
-    return [(slice(edges[a], edges[a + 1]), slice(edges[b], edges[b + 1]))
-            for a in range(len(edges) - 1) for b in range(a, len(edges) - 1)]
+def _panels(width: int) -> list[tuple[int, int]]:
+    step = panel_width(width)
+    return [(start, min(start + step, width)) for start in range(0, width, step)]
+
+
+def upper_products(width: int) -> list[tuple[slice, slice, slice]]:
+    """(piece, rows, columns) of each product; together they cover the upper part of a width × width
+    Gram, a piece of columns after the other, so that a piece's copy serves every panel reaching it."""
+    out = []
+    for c0 in range(0, width, MAX_COLUMNS):
+        c1 = min(c0 + MAX_COLUMNS, width)
+        out += [(slice(c0, c1), slice(r0, r1), slice(max(r0, c0), c1)) for r0, r1 in _panels(width) if r0 < c1]
+    return out
 
 
 def add_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
-    """gram[upper blocks] += XᵀX in float64; `symmetrize` completes the lower blocks at the end.
+    """gram[upper part] += XᵀX in float64; `symmetrize` completes the lower part at the end.
 
     `x` of any float dtype, taken CHUNK_ROWS rows at a time: its float64 copy is one chunk's, not
     the batch's (3.5 GiB for a 70B down_proj's input over 8 × 2048 tokens)."""
     for start in range(0, x.shape[0], CHUNK_ROWS):
         chunk = x[start:start + CHUNK_ROWS].to(torch.float64)
-        for rows, cols in _upper_blocks(x.shape[1]):
+        for _, rows, cols in upper_products(x.shape[1]):
             gram[rows, cols].addmm_(chunk[:, rows].mT, chunk[:, cols])
 
 
@@ -103,9 +114,19 @@ def channel_scales(x: torch.Tensor) -> torch.Tensor:
     Powers of two make X D⁻¹ and D G̃ D exact in binary floating point: the only rounding left in
     the equilibrated Gram is that of the float32 products themselves.
     """
-    low, high = torch.aminmax(x, dim=0)  # max |x_j| without a copy of |X|
-    _, exponent = torch.frexp(torch.maximum(high, low.neg()).to(torch.float32))
+    # max |x_j| without a copy of |X|; amax and amin apart are ~10× faster than aminmax(dim=0) on a CPU
+    magnitude = torch.maximum(x.amax(dim=0), x.amin(dim=0).neg())
+    _, exponent = torch.frexp(magnitude.to(torch.float32))
     return torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent)
+
+
+# Channels whose largest magnitude lies within 2^±40 are not scaled: with power-of-two scales each
+# float32 operation on X̃ = X D⁻¹ gives that on X times D's entries, exactly, wherever neither
+# overflows nor underflows, and within this range X's cannot overflow (|x_i x_j| ≤ 2^80, sums of
+# 2048 ≤ 2^91 ≪ 2^128) and what underflows (each lost product < 2^−126) is below 2^−35 of the two
+# channels' norms. Any channel outside it (a massive activation beyond 10^12, a channel of 10^−13)
+# and the whole chunk is scaled.
+UNSCALED_RANGE = 2.0 ** 40
 
 
 class _Float32Products:
@@ -123,7 +144,7 @@ class _Float32Products:
 
 
 def add_gram_equilibrated(gram: torch.Tensor, x: torch.Tensor) -> None:
-    """gram[upper blocks] += XᵀX from float32 products of per-channel equilibrated inputs.
+    """gram[upper part] += XᵀX from float32 products of per-channel equilibrated inputs.
 
     With D = diag(channel_scales(X)) and X̃ = X D⁻¹ (|x̃| ≤ 1, exact), each chunk of rows gives
     G̃_c = fl32(X̃_cᵀX̃_c), added as D G̃_c D into the float64 `gram` (exact scaling). Error bound
@@ -133,26 +154,32 @@ def add_gram_equilibrated(gram: torch.Tensor, x: torch.Tensor) -> None:
     sums across chunks and batches keep γ_m small (summing the batches in float32 would add
     u·|running total| per batch). The power-of-two scaling itself changes no rounding; it keeps
     every product in range (|x̃_i x̃_j| ≤ 1: no overflow of squared massive activations, no
-    underflow of tiny channels in float16/bfloat16 models).
+    underflow of tiny channels in float16/bfloat16 models), so where X's range needs no help
+    (UNSCALED_RANGE) it is skipped, and with it the scaled copies.
     """
     scale = channel_scales(x)
+    scaled = not bool(((scale >= 1 / UNSCALED_RANGE) & (scale <= UNSCALED_RANGE)).all())
     scale64 = scale.to(torch.float64)
+
+    def columns(chunk: torch.Tensor, cols: slice) -> torch.Tensor:
+        part = chunk[:, cols]
+        if scaled:  # a float32 copy of X D⁻¹ (exact); never a change to the caller's tensor
+            return part / scale[cols] if part.dtype == torch.float32 else part.to(torch.float32).div_(scale[cols])
+        return part.to(torch.float32)  # no copy of a float32 input
+
     with _Float32Products():
         for start in range(0, x.shape[0], CHUNK_ROWS):
             chunk = x[start:start + CHUNK_ROWS]
-            left_cols, left = None, None
-            for rows, cols in _upper_blocks(x.shape[1]):
-                # scaled float32 copies of one column block at a time, never of the whole input
-                if rows != left_cols:
-                    left_cols, left = rows, _equilibrated(chunk[:, rows], scale[rows])
-                right = left if cols == rows else _equilibrated(chunk[:, cols], scale[cols])
-                product = (left.mT @ right).to(torch.float64)
-                gram[rows, cols].add_(product.mul_(scale64[rows, None]).mul_(scale64[None, cols]))
-
-
-def _equilibrated(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """A float32 copy of X D⁻¹ (exact: D holds powers of two); never a change to the caller's tensor."""
-    return x / scale if x.dtype == torch.float32 else x.to(torch.float32).div_(scale)
+            piece, right = None, None
+            for cut, rows, cols in upper_products(x.shape[1]):
+                if cut != piece:  # one float32 copy (scaled, or of a bf16/fp16 input) per piece of columns
+                    piece, right = cut, columns(chunk, cut)
+                inside = cut.start <= rows.start and rows.stop <= cut.stop
+                left = right[:, rows.start - cut.start:rows.stop - cut.start] if inside else columns(chunk, rows)
+                product = left.mT @ right[:, cols.start - cut.start:]
+                if scaled:
+                    product = product.to(torch.float64).mul_(scale64[rows, None]).mul_(scale64[None, cols])
+                gram[rows, cols].add_(product)  # summed in float64 (float32 entries convert exactly)
 
 
 # Names the `auto` rule below: stored with a checkpoint made under "auto", so a run is never
@@ -186,9 +213,11 @@ def resolve_gram_precision(precision: str, device: torch.device) -> str:
 
 @torch.inference_mode()  # the Grams were made inside inference mode, so they are updated inside it too
 def symmetrize(gram: torch.Tensor) -> torch.Tensor:
-    for rows, cols in _upper_blocks(gram.shape[0]):
-        if rows != cols:
-            gram[cols, rows] = gram[rows, cols].mT
+    """Mirror the upper part the products filled (`upper_products`) into the lower: symmetric to the bit."""
+    for r0, r1 in _panels(gram.shape[0]):
+        gram[r1:, r0:r1] = gram[r0:r1, r1:].mT
+        diagonal = gram[r0:r1, r0:r1]  # one product, but a product's two triangles may differ in the last bit
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).mT)
     return gram
 
 
@@ -236,9 +265,11 @@ class GramAccumulator:
         self._handles.clear()
 
 
-# Tokens per pass of a module that acts on each token alone (an MLP; the adapter names them) while
-# the walk runs a layer: a gated MLP's three MLP-wide activations are then bounded by this many rows
-# instead of the batch's, 0.13 GiB instead of 1 GiB at LLaMA-7B widths with 8 × 1024 tokens in float32.
+# Tokens per pass while the walk runs a layer: the layer over as many whole sequences of a batch as
+# fit in this many tokens (one at least: `layer_forward`), and within it a module that acts on each
+# token alone (an MLP; the adapter names them) over at most this many tokens. A gated MLP's three
+# MLP-wide activations are then bounded by this many rows instead of the batch's, 0.13 GiB instead of
+# 1 GiB at LLaMA-7B widths with 8 × 1024 tokens in float32.
 TOKEN_CHUNK = 1024
 
 
@@ -279,11 +310,52 @@ def _in_chunks(forward: Callable, rows: int) -> Callable:
     return run
 
 
+def layer_output(out: Any) -> torch.Tensor:
+    """A decoder layer's hidden states out of whatever it returns (a tensor, or a tuple led by one)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _sequences(value: Any, batch: int, start: int, stop: int) -> Any:
+    """`value` (a keyword argument of the layer) cut to sequences start:stop where it has one row per
+    sequence; what is shared by the batch (a (1, seq) position table, a cache position) is left whole."""
+    if isinstance(value, torch.Tensor):
+        return value[start:stop] if value.dim() >= 2 and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_sequences(v, batch, start, stop) for v in value)
+    return value
+
+
+def layer_forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], tokens: int | None = None
+                  ) -> torch.Tensor:
+    """The layer's hidden states out over a batch, run over at most `tokens` (TOKEN_CHUNK) tokens of
+    whole sequences at a time, one sequence at least.
+
+    Its activations (attention's projections and their rotated copies, about 8 tensors of a pass's
+    tokens × hidden, and the residual stream's) are then those of one such pass, not of the batch:
+    `[calibration] batch_size` no longer sets the forward's peak (1 GiB against 0.13 GiB at LLaMA-7B
+    widths with 8 × 1024 tokens in float32). A layer whose output is not one row per sequence runs whole.
+    """
+    batch = hidden.shape[0]
+    per_pass = max(1, (tokens or TOKEN_CHUNK) // max(1, hidden.shape[1])) if hidden.dim() == 3 else batch
+    if batch <= per_pass:
+        return layer_output(layer(hidden, **kwargs))
+    first = layer_output(layer(hidden[:per_pass], **{k: _sequences(v, batch, 0, per_pass) for k, v in kwargs.items()}))
+    if not isinstance(first, torch.Tensor) or first.shape[0] != per_pass:
+        return layer_output(layer(hidden, **kwargs))  # not one row per sequence: run it whole, as before
+    out = first.new_empty((batch, *first.shape[1:]))
+    out[:per_pass] = first
+    del first
+    for start in range(per_pass, batch, per_pass):
+        stop = min(start + per_pass, batch)
+        out[start:stop] = layer_output(layer(hidden[start:stop], **{k: _sequences(v, batch, start, stop)
+                                                                    for k, v in kwargs.items()}))
+    return out
+
+
 def run_layer(layer: nn.Module, batches: Iterable[LayerBatch], check: Callable[[], None] | None = None) -> None:
-    """Run one decoder layer over every batch, replacing each batch's hidden states by the output."""
+    """Run one decoder layer over every batch (`layer_forward`), replacing each batch's hidden states by the output."""
     with torch.inference_mode():
         for batch in batches:
             if check:
                 check()
-            out = layer(batch.hidden, **batch.kwargs)
-            batch.hidden = out[0] if isinstance(out, tuple) else out
+            batch.hidden = layer_forward(layer, batch.hidden, batch.kwargs)

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from workbench.engine.calibration import capture_layer_inputs
+from workbench.engine.calibration import capture_layer_inputs, layer_forward
 from workbench.engine.walk import LayerInputs, Placement, Strategies
 from workbench.errors import UsageError
 
@@ -321,10 +321,11 @@ class HostInputs(LayerInputs):
     """The calibration inputs live on the host between layers (pinned under CUDA) and go to the
     compute device one batch at a time; the keyword arguments (rotary tables, masks) stay on it.
 
-    With `park` (offload "disk"), a layer's outputs wait for the next layer in files there, mapped
-    back into memory (pages read when used, the kernel's to drop), instead of in host memory while
-    the layer's groups are factored: 0.25 GiB at LLaMA-7B widths with 16 × 1024 tokens, 8 GiB for a
-    70B model's 256 × 2048 in bfloat16."""
+    With `park` (offload "disk"), each batch's output waits for the next layer in a file there,
+    written as soon as it is made and mapped back into memory (pages read when used, the kernel's to
+    drop), instead of in host memory: 0.25 GiB at LLaMA-7B widths with 16 × 1024 tokens, 8 GiB for a
+    70B model's 256 × 2048 in bfloat16. A batch's input file is unmapped once its output replaces it,
+    so a layer's forward holds the pages of one batch in and one out, not a layer's inputs and outputs."""
 
     def __init__(self, devices: Devices, park: Path | None = None):
         super().__init__()
@@ -337,6 +338,9 @@ class HostInputs(LayerInputs):
         out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.devices.pin)
         return out.copy_(tensor)
 
+    def _file(self, j: int) -> Path:
+        return self.park / f"inputs-{j:05d}.safetensors"
+
     def capture(self, model, first_layer, windows, batch_size, device, check) -> None:
         self.batches = capture_layer_inputs(model, first_layer, windows, batch_size, device, check)
         for batch in self.batches:
@@ -345,17 +349,20 @@ class HostInputs(LayerInputs):
     def forward(self, index: int, layer: nn.Module, check) -> None:
         compute = self.devices.compute
         with torch.inference_mode():
-            for batch in self.batches:
+            for j, batch in enumerate(self.batches):
                 if check:
                     check()
-                out = layer(batch.hidden.to(compute, non_blocking=True), **batch.kwargs)
-                batch.hidden = self._home(out[0] if isinstance(out, tuple) else out)
-        if self.park is not None:
-            self._park_outputs()
+                out = self._home(layer_forward(layer, batch.hidden.to(compute, non_blocking=True), batch.kwargs))
+                # one file per batch, written beside the input's and renamed over it (safetensors copies what it writes)
+                batch.hidden = out if self.park is None else write_mapped(self._file(j), {"hidden": out})["hidden"]
+                del out
 
-    def _park_outputs(self) -> None:
-        for j, batch in enumerate(self.batches):  # a file per batch: safetensors copies what it writes
-            batch.hidden = write_mapped(self.park / f"inputs-{j:05d}.safetensors", {"hidden": batch.hidden})["hidden"]
+    def inputs(self) -> list[torch.Tensor]:
+        """The next layer's hidden states; parked ones mapped afresh, so that the pages a reader (the
+        checkpoint) makes resident go with the reader's copy, not with the walk's."""
+        if self.park is None:
+            return super().inputs()
+        return [_mapped(self._file(j))["hidden"] for j in range(len(self.batches))]
 
 
 def write_mapped(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -330,6 +330,7 @@ class LayerWalk:
                 now = CalibrationState(i + 1, hidden, stats, factors, report, tokens)
                 for callback in self.after_layer:
                     callback(LayerDone(i, last, done, now))
+                del hidden, now  # what the callbacks read of the inputs (mapped pages, under offload) goes now
         finally:
             s.propagator.release()
         return CalibrationState(last + 1, None, stats, factors, report, tokens)

@@ -75,8 +75,8 @@ SECTIONS: dict[str, tuple[Option, ...]] = {
         Option("samples", int, 32, "number of calibration sequences", min=1),
         Option("seq_len", int, 512, "tokens per calibration sequence", min=8),
         Option("seed", int, 0, "seed for sampling the calibration text", min=0, max=2**32 - 1),
-        Option("batch_size", int, 8, "sequences per forward pass of a layer; fewer hold less activation memory "
-               "(docs/scaling.md)", min=1),
+        Option("batch_size", int, 8, "sequences captured and moved together; each layer runs over whole "
+               "sequences of at most 1,024 tokens at a time whatever this is (docs/scaling.md)", min=1),
     ),
     "compression": (
         Option("ratio", float, 0.2, "fraction of the targeted linear parameters removed, in [0, 1)"),

@@ -73,6 +73,7 @@ class Shapes:
     eval_tokens: int = 0  # the largest evaluation batch: windows × seq_len, whose logits are formed at once
     sole_inputs: frozenset[str] = frozenset()  # input groups one matrix type alone reads (down_proj's)
     token_chunk: int = 0  # tokens per pass of the adapter's token-wise modules (the MLP); 0: the whole batch
+    pass_tokens: int = 0  # tokens per pass of a decoder layer (whole sequences, one at least); 0: the whole batch
 
 
 @dataclass(frozen=True)
@@ -110,12 +111,15 @@ def estimate(s: Shapes) -> Estimate:
     factoring = max((0 if n == 1 and i >= IN_PLACE_FROM and name in s.sole_inputs else 8 * i * i) + 6 * 8 * n * o * i
                     for name, n, i, o in s.groups)
     rows, widest_in = min(s.batch, s.windows) * s.seq_len, max(i for _, _, i, _ in s.groups)
-    # One layer's forward over a batch: attention's projections, rotated copies and outputs (about
-    # 8 hidden-wide tensors, measured 8.0–8.5 at LLaMA-7B widths), or the MLP over a chunk of tokens
-    # (three MLP-wide activations, the Gram hook's float64 copy of its rows) beside the batch's output.
-    mlp_rows = min(rows, s.token_chunk) if s.token_chunk else rows
-    attention = 8 * b * rows * s.hidden
-    mlp = 3 * b * mlp_rows * widest_in + 8 * min(mlp_rows, CHUNK_ROWS) * widest_in + b * rows * s.hidden
+    # One layer's forward over a batch, a pass of whole sequences at a time: attention's projections,
+    # rotated copies and outputs (about 8 hidden-wide tensors of the pass, measured 8.0–8.5 at LLaMA-7B
+    # widths), or the MLP over a chunk of tokens (three MLP-wide activations, the Gram hook's float64
+    # copy of its rows), beside the batch's output.
+    pass_rows = min(rows, max(1, s.pass_tokens // s.seq_len) * s.seq_len) if s.pass_tokens else rows
+    mlp_rows = min(pass_rows, s.token_chunk) if s.token_chunk else pass_rows
+    output = b * rows * s.hidden
+    attention = 8 * b * pass_rows * s.hidden + (output if pass_rows < rows else 0)
+    mlp = 3 * b * mlp_rows * widest_in + 8 * min(mlp_rows, CHUNK_ROWS) * widest_in + output
     forward = max(attention, mlp)
     targeted = sum(n * i * o for _, n, i, o in s.groups)
     model_file = int(b * (s.params - s.ratio * targeted)) + MODEL_EXTRAS

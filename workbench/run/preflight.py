@@ -56,7 +56,7 @@ def shapes_of(model: torch.nn.Module, plans: Sequence, profile, params: int, ada
                   intermediate=int(getattr(config, "intermediate_size", 0) or 0),
                   fisher="fisher" in signals, eval_tokens=_evaluation_tokens(profile),
                   mask_training="ara" in signals, batch=profile.calibration.batch_size,
-                  sole_inputs=_sole_inputs(plans), **whole)
+                  sole_inputs=_sole_inputs(plans), pass_tokens=TOKEN_CHUNK, **whole)
 
 
 def _sole_inputs(plans: Sequence) -> frozenset[str]:
