@@ -60,7 +60,7 @@ def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, windows: torc
 # The upper part of a Gram is computed in row panels: panel P gives rows P × the columns from P's
 # first on, about half the multiply-adds of the whole XᵀX; `symmetrize` mirrors it. Panel widths
 # measured fastest on a 2-core CPU (bench/gram_panels.py): 256 columns up to 2048 wide, 512 beyond
-# (against the whole product: −29% at 576, −33% at 1536, −44% at 4096 columns).
+# (against the whole product: −26% at 576, −24% at 1536, −46% at 4096 columns; BENCHMARKS.md).
 PANEL = 256
 WIDE_PANEL = 512
 WIDE_FROM = 2048
