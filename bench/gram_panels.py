@@ -18,22 +18,13 @@ import json
 import os
 import platform
 import statistics
-import time
 from datetime import date
 
 import torch
 
 from workbench.engine import calibration
 
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+from gram_precision import timed  # bench/ is on the path when this runs as a script
 
 
 def measure(width: int, panel: int, mode: str, repeats: int, device: torch.device) -> float:
@@ -48,11 +39,10 @@ def measure(width: int, panel: int, mode: str, repeats: int, device: torch.devic
     def once():
         with torch.inference_mode():
             add(gram, x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     try:
-        return timed(once, repeats)
+        once()  # warm-up
+        return statistics.median(timed(once, device) for _ in range(repeats)) * 1e3
     finally:
         calibration.PANEL, calibration.WIDE_PANEL, calibration.UNSCALED_RANGE = saved
 

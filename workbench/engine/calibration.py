@@ -114,7 +114,8 @@ def channel_scales(x: torch.Tensor) -> torch.Tensor:
     Powers of two make X D⁻¹ and D G̃ D exact in binary floating point: the only rounding left in
     the equilibrated Gram is that of the float32 products themselves.
     """
-    # max |x_j| without a copy of |X|; amax and amin apart are ~10× faster than aminmax(dim=0) on a CPU
+    # max |x_j| without a copy of |X|; amax and amin apart, not aminmax(dim=0): 2.3 → 0.5 s over the
+    # quickstart's calibration on a CPU (profiled, BENCHMARKS.md)
     magnitude = torch.maximum(x.amax(dim=0), x.amin(dim=0).neg())
     _, exponent = torch.frexp(magnitude.to(torch.float32))
     return torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent)
@@ -339,16 +340,18 @@ def layer_forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]
     per_pass = max(1, (tokens or TOKEN_CHUNK) // max(1, hidden.shape[1])) if hidden.dim() == 3 else batch
     if batch <= per_pass:
         return layer_output(layer(hidden, **kwargs))
-    first = layer_output(layer(hidden[:per_pass], **{k: _sequences(v, batch, 0, per_pass) for k, v in kwargs.items()}))
+
+    def run(start: int, stop: int) -> Any:
+        return layer_output(layer(hidden[start:stop], **{k: _sequences(v, batch, start, stop) for k, v in kwargs.items()}))
+
+    first = run(0, per_pass)
     if not isinstance(first, torch.Tensor) or first.shape[0] != per_pass:
         return layer_output(layer(hidden, **kwargs))  # not one row per sequence: run it whole, as before
     out = first.new_empty((batch, *first.shape[1:]))
     out[:per_pass] = first
     del first
     for start in range(per_pass, batch, per_pass):
-        stop = min(start + per_pass, batch)
-        out[start:stop] = layer_output(layer(hidden[start:stop], **{k: _sequences(v, batch, start, stop)
-                                                                    for k, v in kwargs.items()}))
+        out[start:start + per_pass] = run(start, min(start + per_pass, batch))
     return out
 
 

@@ -88,7 +88,8 @@ class Whitening:
 
 
 # Columns per block of M·L for a lower-triangular L: block c reads only L's rows from c's first on,
-# 0.6–0.7 of the whole product's multiply-adds at 576–1536 wide, measured ~40% faster on a CPU.
+# 0.6–0.7 of the whole product's multiply-adds at 576–1536 wide (the quickstart's products with L,
+# profiled on a CPU: 2.6 → 1.8 s, BENCHMARKS.md).
 LOWER_BLOCK = 256
 
 
