@@ -83,6 +83,7 @@ def main() -> None:
         "peak_rss_gib": round(report["peak_memory"]["rss_bytes"] / 2**30, 2),
         "ratio_targeted": round(report["params"]["ratio_targeted"], 4),
         "metrics": [{k: m.get(k) for k in ("evaluator", "dataset", "dense", "compressed")} for m in report["metrics"]],
+        "ranks": {row["group"]: row["rank"] for row in report["ranks"]},  # to compare two runs' allocations
     }
     print(json.dumps(result, indent=2))
     ppl = report["metrics"][0] if report["metrics"] else {}

@@ -27,9 +27,11 @@ def registry():
     return load_registry(strict=True)
 
 
-def _plans(model, registry, group_size=1):
+def _plans(model, registry, group_size=1, output_grams=False):
+    """By default every group on its input's Gram: these tests are about the whitening of XᵀX and its
+    fallbacks (wide one-layer groups factored from their output's Gram have none: test_output_gram.py)."""
     adapter = registry.adapter_for(model)
-    return adapter, plan_groups(model, adapter, None, [], lambda t: group_size)
+    return adapter, plan_groups(model, adapter, None, [], lambda t: group_size, output_grams=output_grams)
 
 
 def _record_inputs(model, adapter, plans):
@@ -52,9 +54,9 @@ def _record_inputs(model, adapter, plans):
     return seen, handles
 
 
-def _calibrate(model, registry, ids, group_size=1, events=None):
+def _calibrate(model, registry, ids, group_size=1, events=None, output_grams=False):
     """Calibrate keeping float64 factors of every component, and the inputs each group saw."""
-    adapter, plans = _plans(model, registry, group_size)
+    adapter, plans = _plans(model, registry, group_size, output_grams)
     inputs, handles = _record_inputs(model, adapter, plans)
     try:
         cal = calibrate(model, adapter, plans, ids, CPU, events or EventBus(), CancelToken(), full_factors=True)
@@ -116,6 +118,24 @@ def test_fewer_tokens_than_input_width_fall_back_exactly(registry, dtype):
         assert row["method"] == "eigen" and row["fallback"], row
         assert row["rank_of_gram"] == rank, (plan.key, row["rank_of_gram"], rank)
         assert any(m.startswith(f"{plan.key}:") and "eigen" in m for m in warnings), plan.key
+        _check_group_against_reference(model, adapter, plan, cal, xs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_output_grams_need_no_fallback_where_the_input_gram_is_singular(registry, dtype):
+    """The same 16 tokens, down_proj from its output's Gram: no warning, and the same reference
+    checks on the activations it saw (σ of W·Xᵀ, the loss identity at several ranks)."""
+    model = tiny_llama().to(dtype)
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(3))
+    warnings = []
+    bus = EventBus([lambda e: warnings.append(e.message) if e.kind == "warning" else None])
+    adapter, plans, cal, xs = _calibrate(model, registry, ids, events=bus, output_grams=True)
+    report = _report(cal)
+    down = [p for p in plans if p.output_statistic]
+    assert [p.matrix_type for p in down] == ["down_proj"] * 4
+    for plan in down:
+        assert report[plan.key]["method"] == "output-gram" and not report[plan.key]["fallback"]
+        assert not any(m.startswith(f"{plan.key}:") for m in warnings), plan.key
         _check_group_against_reference(model, adapter, plan, cal, xs)
 
 

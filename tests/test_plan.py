@@ -318,4 +318,31 @@ def test_the_sole_readers_of_an_input_come_from_the_plans():
     model = tiny_llama(layers=2)
     adapter = load_registry(strict=True).adapter_for(model)
     plans = plan_groups(model, adapter, None, [], lambda t: 1)
-    assert _sole_inputs(plans) == {p.site.input_group for p in plans if p.site.path.endswith(("o_proj", "down_proj"))}
+    assert _sole_inputs(plans) == {p.statistic for p in plans if p.site.path.endswith(("o_proj", "down_proj"))}
+
+
+def test_an_output_gram_counts_out_squared_and_its_own_factoring():
+    """down (16 → 8, one layer) from its output's Gram: 8·8² instead of 8·16²; factoring it holds
+    C's copy, LAPACK's workspace (3·8·out²) and W, VᵀL⁻¹ (2·8·out·in), no L."""
+    est = estimate(replace(SMALL, output_grams=frozenset({"down_in"})))
+    assert est.grams == 8 * (8 * 8 + 8 * 8) == 1024
+    # attn's factoring, 8·8² + 6·8·8·8 = 3584, equals down's 3·8·8² + 2·8·8·16 = 3584
+    assert est.transient == 3584
+    wide = replace(SMALL, groups=[("attn_in", 1, 8, 8), ("down_in", 1, 4096, 8)], output_grams=frozenset({"down_in"}))
+    assert estimate(wide).transient == 3 * 8 * 8 * 8 + 2 * 8 * 8 * 4096  # not 8·4096² for L
+
+
+def test_preflight_shapes_name_the_plans_output_grams():
+    from conftest import tiny_llama
+    from workbench.engine.grouping import plan_groups
+    from workbench.profile.schema import parse_profile
+    from workbench.registry import load_registry
+    from workbench.run.preflight import shapes_of
+
+    model = tiny_llama(layers=2)  # hidden 64, MLP 128
+    adapter = load_registry(strict=True).adapter_for(model)
+    plans = plan_groups(model, adapter, None, [], lambda t: 1)
+    shapes = shapes_of(model, plans, parse_profile("", "p.toml"), 1000)
+    assert shapes.output_grams == {"mlp.down_proj:output"}
+    # per layer alive: attn_in, attn_out, mlp_in 64² each, down_proj's output 64² (its input: 128²)
+    assert estimate(shapes).grams == 8 * 4 * 64 * 64

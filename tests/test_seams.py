@@ -220,6 +220,17 @@ def dense_setup():
     return model, adapter, plans, ids
 
 
+def _gram_of_outputs(model, module, ids) -> torch.Tensor:
+    """float64 YᵀY of a bias-free linear `module`'s output when `model` runs over `ids`."""
+    ys = []
+    handle = module.register_forward_hook(lambda m, args, out: ys.append(out.detach().reshape(-1, out.shape[-1])))
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=False)
+    handle.remove()
+    y = torch.cat(ys).to(torch.float64)
+    return y.T @ y
+
+
 def _gram_of_inputs(model, module, ids) -> torch.Tensor:
     """float64 XᵀX of `module`'s input when `model` runs over `ids`: the reference, without the walk."""
     xs = []
@@ -325,8 +336,10 @@ def test_walk_b_the_reducer_sees_every_statistic_before_factoring(dense_setup):
     for plan in two:
         position = log.index(("factor", plan.key))
         before = reduced(log[:position])
-        assert {(i, plan.site.input_group) for i in plan.layers} <= before, plan.key
-    assert reduced(log) == {(i, g) for i in range(3) for g in ("attn_in", "mlp_out")}
+        assert {(i, plan.statistic) for i in plan.layers} <= before, plan.key
+    # down_proj@2, a one-layer remainder, is factored from its output's Gram (test_output_gram.py)
+    assert reduced(log) == {(i, g) for i in range(3) for g in ("attn_in",)} | {
+        (0, "mlp_out"), (1, "mlp_out"), (2, "mlp.down_proj:output")}
     for plan in two:  # what the reducer returned is what was factored: G → 2G scales σ by √2
         assert torch.allclose(doubled.factors[plan.key].singular_values.double(),
                               2 ** 0.5 * plain.factors[plan.key].singular_values.double(), rtol=1e-5)
@@ -353,10 +366,12 @@ def test_walk_each_input_groups_last_reader_factors_its_gram_in_place_with_the_s
     real = whitening._cholesky_in_place
     monkeypatch.setattr(whitening, "_cholesky_in_place", lambda gram, block: owners.append(gram.shape) or real(gram, block))
     after = calibrate(model, adapter, plans, ids, CPU, EventBus(), CancelToken())
-    # one Gram per input group and layer (attn_in, o_in, mlp_in, mlp_out), each by its last reader only
-    groups = {p.site.input_group for p in plans}
+    # one Gram per input group and layer (attn_in, o_in, mlp_in), each by its last reader only; down_proj
+    # is factored from its output's Gram, with no whitening factor
+    groups = {p.statistic for p in plans if not p.output_statistic}
     assert len(owners) == 3 * len(groups) and len(groups) < len(plans)
-    assert len(after.whitening) == len(plans) and all(e["method"] == "cholesky" for e in after.whitening)
+    methods = {e["group"]: e["method"] for e in after.whitening}
+    assert all(methods[p.key] == ("output-gram" if p.output_statistic else "cholesky") for p in plans)
     _assert_same_factors(after, before)
 
 
@@ -397,7 +412,7 @@ def test_groups_whitened_by_the_same_grams_factor_them_once_with_the_same_result
     monkeypatch.setattr(factorize, "whitening_factor", lambda gram, method, overwrite: factored.append(
         (gram.shape[0], overwrite)) or real(gram, method, overwrite))
     shared = calibrate(model, adapter, plans, ids, CPU, EventBus(), CancelToken())
-    groups = {p.site.input_group for p in plans}
+    groups = {p.statistic for p in plans if not p.output_statistic}
     assert len(factored) == 3 * len(groups) < len(plans)  # once per input group and layer, not per group
     assert all(overwrite for _, overwrite in factored)  # the first reader (or the only one) in place
     _assert_same_factors(shared, alone)
@@ -450,9 +465,10 @@ def test_walk_runs_the_adapters_token_wise_modules_in_chunks_with_the_same_stati
     assert set(sequences) == {1} and len(sequences) == (len(layers) - 1) * ids.shape[0]  # one 16-token sequence a pass
     assert all("forward" not in layer.mlp.__dict__ for layer in layers)
     for i, layer in enumerate(layers):
-        for group, module in (("mlp_out", layer.mlp.down_proj), ("mlp_in", layer.mlp.gate_proj),
+        for group, module in (("mlp.down_proj:output", layer.mlp.down_proj), ("mlp_in", layer.mlp.gate_proj),
                               ("attn_in", layer.self_attn.q_proj)):
-            exact = _gram_of_inputs(model, module, ids)  # float32 activations: chunked GEMMs round differently
+            # float32 activations: chunked GEMMs round differently
+            exact = (_gram_of_outputs if group.endswith(":output") else _gram_of_inputs)(model, module, ids)
             assert (recording.seen[(group, i)] - exact).norm() / exact.norm() < 1e-6, (group, i)
 
 
@@ -554,9 +570,9 @@ def test_walk_c_a_placement_sees_each_layer_go_on_and_off_the_device(dense_setup
     placement = Watching()
 
     class Checked(GramStatistics):
-        def start(self, index, layer, modules):
+        def start(self, index, layer, modules, outputs=None):
             assert placement.current == index  # statistics are taken while the layer is placed
-            super().start(index, layer, modules)
+            super().start(index, layer, modules, outputs)
 
     cal = calibrate(model, adapter, plans, ids, CPU, EventBus(), CancelToken(),
                     strategies=Strategies(placement=placement, accumulator=Checked()))

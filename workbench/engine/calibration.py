@@ -222,6 +222,31 @@ def symmetrize(gram: torch.Tensor) -> torch.Tensor:
     return gram
 
 
+# Rows of W per product when a linear layer's output is recomputed (`_exact_output`): the copy of W
+# in the product's dtype is this many rows, not the whole matrix (0.36 GB in float64 at a 7B down_proj).
+OUTPUT_ROWS = 1024
+
+
+def _exact_output(module: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
+    """X Wᵀ of a linear module, as exact as the Gram mode's products: the forward's own output (less its
+    bias) where that is a float32 product at full precision and the mode is float32-equilibrated;
+    otherwise recomputed, in float64 or in float32 with TF32 off, from the input, a block of W's rows at
+    a time (a bf16 output's rounding, 2⁻⁸ relative per element, would floor the small eigenvalues the ranks need)."""
+    full_float32 = (y.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+                    and (y.device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32))
+    if precision != "float64" and full_float32:
+        bias = getattr(module, "bias", None)
+        return y if bias is None else y - bias.detach()
+    dtype = torch.float64 if precision == "float64" else torch.float32
+    weight = module.weight.detach()
+    x = x.reshape(-1, x.shape[-1]).to(dtype)
+    out = x.new_empty((x.shape[0], weight.shape[0]))
+    with _Float32Products():
+        for start in range(0, weight.shape[0], OUTPUT_ROWS):
+            out[:, start:start + OUTPUT_ROWS] = x @ weight[start:start + OUTPUT_ROWS].to(dtype).mT
+    return out
+
+
 class GramAccumulator:
     """Forward pre-hooks that add XᵀX of a module's input into a named float64 Gram matrix.
 
@@ -238,22 +263,34 @@ class GramAccumulator:
         self._handles: list[Any] = []
 
     def watch(self, name: str, module: nn.Module) -> None:
-        def hook(mod, args):
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1])
-            if self.precision == "auto":
-                self.precision = resolve_gram_precision("auto", x.device)
-            gram = self._grams.get(name)
-            if gram is None:
-                gram = self._grams[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-                self.tokens[name] = 0
-            if self.precision == "float64":
-                add_gram(gram, x)
-            else:
-                add_gram_equilibrated(gram, x)
-            self.tokens[name] += x.shape[0]
+        """Accumulate XᵀX of `module`'s input under `name`."""
+        self._handles.append(module.register_forward_pre_hook(lambda mod, args: self._add(name, args[0].detach())))
 
-        self._handles.append(module.register_forward_pre_hook(hook))
+    def watch_output(self, name: str, module: nn.Module) -> None:
+        """Accumulate YᵀY of a linear `module`'s output without its bias, Y = X Wᵀ, under `name`
+        (= W XᵀX Wᵀ: what a one-layer group needs of its input's Gram, `grouping.output_statistics`)."""
+        def hook(mod, args, output):
+            self._add(name, _exact_output(mod, args[0].detach(), output.detach(), self._resolved(output.device)))
+
+        self._handles.append(module.register_forward_hook(hook))
+
+    def _resolved(self, device: torch.device) -> str:
+        if self.precision == "auto":
+            self.precision = resolve_gram_precision("auto", device)
+        return self.precision
+
+    def _add(self, name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        precision = self._resolved(x.device)
+        gram = self._grams.get(name)
+        if gram is None:
+            gram = self._grams[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+            self.tokens[name] = 0
+        if precision == "float64":
+            add_gram(gram, x)
+        else:
+            add_gram_equilibrated(gram, x)
+        self.tokens[name] += x.shape[0]
 
     @property
     def grams(self) -> dict[str, torch.Tensor]:

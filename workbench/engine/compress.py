@@ -12,7 +12,8 @@ from torch import nn
 from workbench.engine.allocation import check_allocation
 from workbench.errors import PluginError, RunFailed, WorkbenchError, blame
 from workbench.events import CancelToken, EventBus
-from workbench.engine.factorize import GroupFactors, measured_loss, predicted_loss, whitened_svd
+from workbench.engine.factorize import (GroupFactors, measured_loss, measured_output_loss, output_svd, predicted_loss,
+                                       whitened_svd)
 from workbench.engine.grouping import GroupPlan, module_prefix
 from workbench.engine.lowrank import LowRankLinear, factor_linear
 from workbench.engine.numerics import check_factors, loss_check_failed
@@ -57,13 +58,15 @@ def _factor_group(layers, plan: GroupPlan, grams: dict, method: str, device, ful
                   spent: Collection = (), white: Whitening | None = None, overwrite: bool = False) -> GroupFactors:
     """`spent`: keys of `grams` that nothing reads after this group, so its Gram may become L in place;
     `overwrite`: the same for a group whose whitening later groups reuse; `white`: that whitening, reused."""
-    keys = [(plan.site.input_group, i) for i in plan.layers]
-    gram = own = None
-    if white is None:
-        gram, own = _group_gram(grams, keys, device, overwrite or keys[0] in spent)
+    keys = [(plan.statistic, i) for i in plan.layers]
     weights = _weights(layers, plan)
     full_rank = min(plan.in_features, len(plan.layers) * plan.out_features)
     keep = full_rank if full else break_even_rank(plan.in_features, plan.out_features, len(plan.layers))
+    if plan.output_statistic:
+        return _factor_from_output(plan, weights[0], grams[keys[0]].to(device), keep)
+    gram = own = None
+    if white is None:
+        gram, own = _group_gram(grams, keys, device, overwrite or keys[0] in spent)
     factors = whitened_svd(weights, gram, keep=keep, method=method, overwrite=own, white=white)
     k = max(1, factors.u.shape[1] // 2)
     energy = float((factors.singular_values ** 2).sum()) or 1.0
@@ -82,6 +85,17 @@ def _factor_group(layers, plan: GroupPlan, grams: dict, method: str, device, ful
     if loss_check_failed(error, LOSS_CHECK_TOLERANCE):
         raise RunFailed(f"{plan.key}: whitened loss check failed (relative error {error:.1e}); the Gram matrix "
                         f"is too ill-conditioned. Try more calibration samples or compression.whitening = \"eigen\".")
+    return factors
+
+
+def _factor_from_output(plan: GroupPlan, weight: torch.Tensor, gram: torch.Tensor, keep: int) -> GroupFactors:
+    """A one-layer group from its output's Gram (`grouping.output_statistics`), with the same loss check."""
+    factors = output_svd(weight, gram, keep)
+    k = max(1, factors.u.shape[1] // 2)
+    energy = float((factors.singular_values ** 2).sum()) or 1.0
+    error = abs(measured_output_loss(factors, gram, k) - predicted_loss(factors, k)) / energy
+    if loss_check_failed(error, LOSS_CHECK_TOLERANCE):
+        raise RunFailed(f"{plan.key}: whitened loss check failed on its output's Gram (relative error {error:.1e})")
     return factors
 
 

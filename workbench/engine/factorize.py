@@ -139,6 +139,40 @@ def whitened_svd(weights: list[torch.Tensor], gram: torch.Tensor | None, keep: i
     return GroupFactors(s, u.contiguous(), vt_linv, weights[0].shape[0], white)
 
 
+# The "whitening" a group factored from its output's Gram reports (`output_svd`): no factor L is formed.
+OUTPUT_METHOD = "output-gram"
+
+
+def output_svd(weight: torch.Tensor, gram: torch.Tensor, keep: int) -> GroupFactors:
+    """The whitened SVD of one layer's W from C = YᵀY = W XᵀX Wᵀ, the Gram of its output (float64).
+
+    C = A Aᵀ for A = W L whatever the whitening L of XᵀX, so its eigenvectors are A's left singular
+    vectors and its eigenvalues the σ²; V_kᵀL⁻¹ = Σ_k⁻¹U_kᵀW (as on the wide route of
+    `_svd_by_eigh`), and Ŵ = U_k U_kᵀ W. No Cholesky, no L: a singular XᵀX needs no fallback. `gram`
+    is left as it is (the loss check reads it: `measured_output_loss`).
+    """
+    s, top = _top_eigenvectors(gram.to(torch.float64).clone(), keep)
+    keep = top.shape[1]
+    live = s[:keep] > s[0] * 1e-10  # as in `_svd_by_eigh`: components at rounding level are zeroed
+    inv = torch.where(live, 1.0 / s[:keep].where(live, torch.ones_like(s[:keep])), torch.zeros_like(s[:keep]))
+    w = weight.detach().to(device=gram.device)
+    vt_linv = torch.empty(keep, w.shape[1], dtype=torch.float64, device=gram.device)
+    for start in range(0, w.shape[1], SVD_ROWS):
+        vt_linv[:, start:start + SVD_ROWS] = top.mT @ w[:, start:start + SVD_ROWS].to(torch.float64)
+    white = Whitening(gram.new_empty(0), OUTPUT_METHOD, False, int((s > s[0] * 1e-10).sum()) if s.numel() else 0)
+    return GroupFactors(s, top.contiguous(), vt_linv.mul_(inv[:, None]), w.shape[0], white)
+
+
+def measured_output_loss(factors: GroupFactors, gram: torch.Tensor, rank: int) -> float:
+    """‖(W − QP)L‖²_F for a group factored from its output's Gram C, from its factors' U_k:
+    QP = U_k U_kᵀ W, so the loss is tr((I − Π) C (I − Π)) with Π = U_k U_kᵀ, expanded as
+    tr C − 2 tr(U_kᵀCU_k) + tr(U_kᵀCU_k · U_kᵀU_k) (U_k not assumed orthonormal: a wrong one shows)."""
+    u = factors.u[:, :rank].to(torch.float64)
+    c = gram.to(torch.float64)
+    projected = u.mT @ (c @ u)
+    return float(c.diagonal().sum() - 2 * projected.diagonal().sum() + (projected * (u.mT @ u)).sum())
+
+
 # Rows of W_g per block of the loss check: its temporaries are a few blocks of rows × in (float64),
 # not several copies of the whole n·out × in matrix (1.4 GB at a 7B down_proj, the factoring's peak).
 CHECK_ROWS = 1024

@@ -3,7 +3,8 @@
     capture     Propagator.capture: the first decoder layer's inputs (hidden states and keyword arguments)
     for each layer i (from a checkpoint's `next_layer` on):
       place       Placement.before(i, layer); the layer's targeted weights are checked for NaN/Inf
-      accumulate  the Accumulator watches the layer's input groups while Propagator.forward runs the
+      accumulate  the Accumulator watches the layer's statistics (its input groups' inputs, and the
+                  outputs of groups factored from their output's Gram) while Propagator.forward runs the
                   layer over every batch (the adapter's token-wise modules, such as the MLP, over
                   chunks of at most TOKEN_CHUNK tokens)
       reduce      Reducer.reduce(i, statistics, tokens): every per-layer statistic passes through here
@@ -54,10 +55,12 @@ class Placement:
 
 
 class Accumulator(Protocol):
-    """Collects one statistic per input group while a layer runs."""
+    """Collects one statistic per input group (and per output watched) while a layer runs."""
 
-    def start(self, index: int, layer: nn.Module, modules: dict[str, nn.Module]) -> None:
-        """Begin watching `modules` ({input group: the module whose input it is}) of layer `index`."""
+    def start(self, index: int, layer: nn.Module, modules: dict[str, nn.Module],
+              outputs: dict[str, nn.Module] | None = None) -> None:
+        """Begin watching `modules` ({input group: the module whose input it is}) of layer `index`, and
+        `outputs` ({statistic: the linear module whose output's Gram it is}, `GroupPlan.output_statistic`)."""
 
     def stop(self) -> None:
         """Stop watching (always called, also when the layer failed)."""
@@ -67,16 +70,20 @@ class Accumulator(Protocol):
 
 
 class GramStatistics:
-    """The default accumulator: XᵀX of each input group, accumulated in float64 (GramAccumulator)."""
+    """The default accumulator: XᵀX of each input group (YᵀY of each output watched), accumulated in
+    float64 (GramAccumulator)."""
 
     def __init__(self, precision: str = "float64") -> None:
         self.precision = precision
         self._acc: GramAccumulator | None = None
 
-    def start(self, index: int, layer: nn.Module, modules: dict[str, nn.Module]) -> None:
+    def start(self, index: int, layer: nn.Module, modules: dict[str, nn.Module],
+              outputs: dict[str, nn.Module] | None = None) -> None:
         self._acc = GramAccumulator(self.precision)
         for name, module in modules.items():
             self._acc.watch(name, module)
+        for name, module in (outputs or {}).items():
+            self._acc.watch_output(name, module)
 
     def stop(self) -> None:
         if self._acc is not None:
@@ -191,8 +198,8 @@ def shared_by(stats: dict, key: str) -> bool | None:
 
 
 def whitening_key(plan: GroupPlan) -> tuple[str, tuple[int, ...]]:
-    """What a group's whitening depends on: its input group and layers (q/k/v of one layer share it)."""
-    return plan.site.input_group, tuple(plan.layers)
+    """What a group's whitening depends on: its statistic and layers (q/k/v of one layer share it)."""
+    return plan.statistic, tuple(plan.layers)
 
 
 def _shared_whitenings(ready: Sequence[GroupPlan], pending: Sequence[GroupPlan]) -> dict[str, bool]:
@@ -205,18 +212,18 @@ def _shared_whitenings(ready: Sequence[GroupPlan], pending: Sequence[GroupPlan])
             continue
         seen.add(mine)
         keys = {(mine[0], j) for j in mine[1]}
-        out[plan.key] = not any(whitening_key(p) != mine and keys & {(p.site.input_group, j) for j in p.layers}
+        out[plan.key] = not any(whitening_key(p) != mine and keys & {(p.statistic, j) for j in p.layers}
                                 for p in (*ready, *pending))
     return out
 
 
 def _last_readers(ready: Sequence[GroupPlan], pending: Sequence[GroupPlan]) -> dict[str, list[tuple[str, int]]]:
     """For each ready group (factored in this order), the statistics it is the last to read."""
-    later = {(p.site.input_group, j) for p in pending if p not in ready for j in p.layers}
+    later = {(p.statistic, j) for p in pending if p not in ready for j in p.layers}
     reader: dict[tuple[str, int], str] = {}
     for plan in ready:
         for j in plan.layers:
-            reader[(plan.site.input_group, j)] = plan.key
+            reader[(plan.statistic, j)] = plan.key
     out: dict[str, list[tuple[str, int]]] = {}
     for stat, key in reader.items():
         if stat not in later:
@@ -231,7 +238,7 @@ def _file_statistics(stats: LayerStatistics, index: int, layer_stats: dict[str, 
     Returns the token count."""
     for group in list(layer_stats):
         stat = layer_stats.pop(group)
-        paths = sorted({p.site.path for p in plans if p.site.input_group == group})
+        paths = sorted({p.site.path for p in plans if p.statistic == group})
         check_gram(stat, index, group, paths)
         stats[(group, index)] = stat
         tokens = layer_tokens.get(group, tokens)
@@ -274,7 +281,7 @@ class LayerWalk:
         needed: dict[int, set[str]] = {}
         for plan in plans:
             for i in plan.layers:
-                needed.setdefault(i, set()).add(plan.site.input_group)
+                needed.setdefault(i, set()).add(plan.statistic)
         pending = {plan.key: plan for plan in plans}
         token_wise = token_wise_paths(self.model, self.adapter)
         stats = LayerStatistics()
@@ -296,11 +303,11 @@ class LayerWalk:
                 s.placement.before(i, layer)
                 try:
                     check_layer_weights(layer, i, {p.site for p in plans if i in p.layers})
-                    modules = {}
-                    for group in sorted(needed.get(i, ())):
-                        site = next(p.site for p in plans if p.site.input_group == group)
-                        modules[group] = layer.get_submodule(site.path)
-                    s.accumulator.start(i, layer, modules)
+                    modules, outputs = {}, {}
+                    for name in sorted(needed.get(i, ())):
+                        plan = next(p for p in plans if p.statistic == name)
+                        (outputs if plan.output_statistic else modules)[name] = layer.get_submodule(plan.site.path)
+                    s.accumulator.start(i, layer, modules, outputs)
                     try:
                         with token_wise_in_chunks(layer, token_wise):
                             s.propagator.forward(i, layer, check)
@@ -322,7 +329,7 @@ class LayerWalk:
                         done.append(plan.key)
                 finally:
                     s.placement.after(i, layer)
-                live = {(p.site.input_group, j) for p in pending.values() for j in p.layers}
+                live = {(p.statistic, j) for p in pending.values() for j in p.layers}
                 for key in [k for k in stats if k not in live]:
                     del stats[key]
                 s.propagator.advance(i)

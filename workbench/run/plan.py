@@ -12,8 +12,9 @@ Where each term lives, as the code keeps it (docs/scaling.md works the figures o
   when larger) and one batch of inputs and outputs.
 - calibration inputs b·T·(d + 2·head_dim) (hidden states and rotary tables): on the device under
   "none", on the host under offload. N processes split the windows N ways.
-- Grams, float64, 8·Σ n·in² for the inputs alive at once: on the compute device, in every process
-  (and under offload once more on the host, where the checkpoint copies them).
+- Grams, float64, 8·Σ n·in² for the inputs alive at once (8·out² for a wide one-layer group factored
+  from its output's Gram): on the compute device, in every process (and under offload once more on
+  the host, where the checkpoint copies them).
 - factors kept until allocation, float32, at most 4·P_t: on the device under "none", on the host
   under offload (under "disk" spilled to the work directory). With N
   processes the groups are factored round-robin and gathered: every process holds them all.
@@ -55,7 +56,7 @@ class Shapes:
     dtype_bytes: int  # b
     hidden: int  # d
     head_dim: int
-    groups: Sequence[tuple[str, int, int, int]]  # per group: (input group, n layers, in, out)
+    groups: Sequence[tuple[str, int, int, int]]  # per group: (statistic, n layers, in, out)
     windows: int  # N
     seq_len: int  # S
     ratio: float
@@ -74,6 +75,7 @@ class Shapes:
     sole_inputs: frozenset[str] = frozenset()  # input groups one matrix type alone reads (down_proj's)
     token_chunk: int = 0  # tokens per pass of the adapter's token-wise modules (the MLP); 0: the whole batch
     pass_tokens: int = 0  # tokens per pass of a decoder layer (whole sequences, one at least); 0: the whole batch
+    output_grams: frozenset[str] = frozenset()  # statistics that are a group's output Gram (out × out)
 
 
 @dataclass(frozen=True)
@@ -100,15 +102,17 @@ def estimate(s: Shapes) -> Estimate:
     b, tokens = s.dtype_bytes, s.windows * s.seq_len
     hidden_states = b * tokens * s.hidden
     inputs = hidden_states + 2 * b * tokens * s.head_dim
-    widest: dict[str, tuple[int, int]] = {}  # input group -> (longest group, in): its Grams alive at once
-    for name, n, fan_in, _ in s.groups:
-        widest[name] = max(widest.get(name, (0, 0)), (n, fan_in))
+    widest: dict[str, tuple[int, int]] = {}  # statistic -> (longest group, width): its Grams alive at once
+    for name, n, fan_in, fan_out in s.groups:
+        widest[name] = max(widest.get(name, (0, 0)), (n, fan_out if name in s.output_grams else fan_in))
     grams = 8 * sum(n * fan_in ** 2 for n, fan_in in widest.values())
     factors = 4 * sum(break_even_rank(i, o, n) * (i + n * o) for _, n, i, o in s.groups)
     # Factoring a group: its whitening factor L (a shared group's summed Gram, then L in its memory), except
     # where L takes the Gram's own memory (a one-layer group, the only reader of an input from
-    # IN_PLACE_FROM wide), plus the stacked weights, the whitened matrix, U, Vᵀ, VᵀL⁻¹ and the loss check.
-    factoring = max((0 if n == 1 and i >= IN_PLACE_FROM and name in s.sole_inputs else 8 * i * i) + 6 * 8 * n * o * i
+    # IN_PLACE_FROM wide), plus the stacked weights, the whitened matrix, U, Vᵀ, VᵀL⁻¹ and the loss check;
+    # from an output Gram C: its copy the eigenvectors overwrite, LAPACK's workspace, W and VᵀL⁻¹.
+    factoring = max(3 * 8 * o * o + 2 * 8 * o * i if name in s.output_grams else
+                    (0 if n == 1 and i >= IN_PLACE_FROM and name in s.sole_inputs else 8 * i * i) + 6 * 8 * n * o * i
                     for name, n, i, o in s.groups)
     rows, widest_in = min(s.batch, s.windows) * s.seq_len, max(i for _, _, i, _ in s.groups)
     # One layer's forward over a batch, a pass of whole sequences at a time: attention's projections,

@@ -48,7 +48,7 @@ def shapes_of(model: torch.nn.Module, plans: Sequence, profile, params: int, ada
                      edge_params=max((_count(m) for m in edges), default=0),
                      token_chunk=TOKEN_CHUNK if token_wise_paths(model, adapter) else 0)
     return Shapes(params, next(model.parameters()).element_size(), hidden, head_dim,
-                  [(p.site.input_group, len(p.layers), p.in_features, p.out_features) for p in plans],
+                  [(p.statistic, len(p.layers), p.in_features, p.out_features) for p in plans],
                   profile.calibration.samples, profile.calibration.seq_len, profile.compression.ratio,
                   compensate=bool(getattr(profile.compression, "sequential", False))
                   or getattr(profile.compression, "update", "none") != "none",
@@ -56,14 +56,15 @@ def shapes_of(model: torch.nn.Module, plans: Sequence, profile, params: int, ada
                   intermediate=int(getattr(config, "intermediate_size", 0) or 0),
                   fisher="fisher" in signals, eval_tokens=_evaluation_tokens(profile),
                   mask_training="ara" in signals, batch=profile.calibration.batch_size,
-                  sole_inputs=_sole_inputs(plans), pass_tokens=TOKEN_CHUNK, **whole)
+                  sole_inputs=_sole_inputs(plans), pass_tokens=TOKEN_CHUNK,
+                  output_grams=frozenset(p.statistic for p in plans if p.output_statistic), **whole)
 
 
 def _sole_inputs(plans: Sequence) -> frozenset[str]:
     """Input groups that one matrix type alone reads: their Grams are factored in place (whitening.py)."""
     readers: dict[str, set[str]] = {}
     for p in plans:
-        readers.setdefault(p.site.input_group, set()).add(p.site.path)
+        readers.setdefault(p.statistic, set()).add(p.site.path)
     return frozenset(group for group, paths in readers.items() if len(paths) == 1)
 
 
