@@ -140,3 +140,18 @@ def test_calibration_from_output_grams_matches_the_input_route(registry, calib_i
             w_in = torch.cat(f_in.factors(rank, torch.float64)[0]) @ f_in.factors(rank, torch.float64)[1]
             w_out = torch.cat(f_out.factors(rank, torch.float64)[0]) @ f_out.factors(rank, torch.float64)[1]
             assert float((w_out - w_in).norm()) <= 1e-6 * float(w_in.norm()), key
+
+
+
+def test_nan_in_an_output_gram_names_the_layer_and_the_module_whose_output_it_is(registry, calib_ids):
+    """down_proj's input turns NaN in layer 1 (a NaN in its norm's weight upstream); only its output's
+    Gram is taken there, and the message says so."""
+    from workbench.errors import RunFailed
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[0] = float("nan")
+    adapter = registry.adapter_for(model)
+    plans = plan_groups(model, adapter, ["down_proj"], [], 1)
+    with pytest.raises(RunFailed, match=r"^layer 1, output of mlp\.down_proj: NaN or Inf in the calibration"):
+        calibrate(model, adapter, plans, calib_ids, CPU, EventBus(), CancelToken())

@@ -47,9 +47,13 @@ def check_layer_weights(layer: nn.Module, index: int, sites: Iterable[Site]) -> 
 
 
 def check_gram(gram: torch.Tensor, index: int, input_group: str, paths: Sequence[str]) -> None:
-    """Refuse a Gram matrix built from NaN/Inf activations (or one whose float64 sums overflowed)."""
+    """Refuse a Gram matrix built from NaN/Inf activations (or one whose float64 sums overflowed).
+    `input_group`: the walk's statistic, an input group or `<module path>:output` (an output's Gram)."""
     if not all_finite(gram):
-        where = f"layer {index}, input of {input_group}" + (f" ({', '.join(paths)})" if paths else "")
+        if input_group.endswith(":output"):
+            where = f"layer {index}, output of {input_group[:-len(':output')]}"
+        else:
+            where = f"layer {index}, input of {input_group}" + (f" ({', '.join(paths)})" if paths else "")
         raise RunFailed(f"{where}: NaN or Inf in the calibration activations. Earlier layers produced them: "
                         "check the model's dtype (float16 overflows where bfloat16 does not) and its weights.")
 
