@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Collection, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 from torch import nn
@@ -54,6 +54,13 @@ def _group_gram(grams: dict, keys: list, device, overwritable: bool) -> tuple[to
     return gram, own
 
 
+def _loss_mismatch(factors: GroupFactors, measured: Callable[[int], float]) -> float:
+    """The built-in check at half the kept rank k: |measured(k) − Σ_{i>k} σ_i²| relative to the group's energy."""
+    k = max(1, factors.u.shape[1] // 2)
+    energy = float((factors.singular_values ** 2).sum()) or 1.0
+    return abs(measured(k) - predicted_loss(factors, k)) / energy
+
+
 def _factor_group(layers, plan: GroupPlan, grams: dict, method: str, device, full: bool,
                   spent: Collection = (), white: Whitening | None = None, overwrite: bool = False) -> GroupFactors:
     """`spent`: keys of `grams` that nothing reads after this group, so its Gram may become L in place;
@@ -68,9 +75,7 @@ def _factor_group(layers, plan: GroupPlan, grams: dict, method: str, device, ful
     if white is None:
         gram, own = _group_gram(grams, keys, device, overwrite or keys[0] in spent)
     factors = whitened_svd(weights, gram, keep=keep, method=method, overwrite=own, white=white)
-    k = max(1, factors.u.shape[1] // 2)
-    energy = float((factors.singular_values ** 2).sum()) or 1.0
-    error = abs(measured_loss(weights, factors, k) - predicted_loss(factors, k)) / energy
+    error = _loss_mismatch(factors, lambda k: measured_loss(weights, factors, k))
     if loss_check_failed(error, LOSS_CHECK_TOLERANCE) and factors.whitening.method == "cholesky":
         # An ill-conditioned Cholesky factor can pass its own test yet whiten badly: use the eigen route.
         # Factored in place, G survives as L·Lᵀ only: equal to it within the rounding the eigen route drops.
@@ -81,7 +86,7 @@ def _factor_group(layers, plan: GroupPlan, grams: dict, method: str, device, ful
             gram, _ = _group_gram(grams, keys, device, False)
         factors = whitened_svd(weights, gram, keep=keep, method="eigen")
         factors.whitening.fallback_reason = f"loss check failed on Cholesky (relative error {error:.1e})"
-        error = abs(measured_loss(weights, factors, k) - predicted_loss(factors, k)) / energy
+        error = _loss_mismatch(factors, lambda k: measured_loss(weights, factors, k))
     if loss_check_failed(error, LOSS_CHECK_TOLERANCE):
         raise RunFailed(f"{plan.key}: whitened loss check failed (relative error {error:.1e}); the Gram matrix "
                         f"is too ill-conditioned. Try more calibration samples or compression.whitening = \"eigen\".")
@@ -91,9 +96,7 @@ def _factor_group(layers, plan: GroupPlan, grams: dict, method: str, device, ful
 def _factor_from_output(plan: GroupPlan, weight: torch.Tensor, gram: torch.Tensor, keep: int) -> GroupFactors:
     """A one-layer group from its output's Gram (`grouping.output_statistics`), with the same loss check."""
     factors = output_svd(weight, gram, keep)
-    k = max(1, factors.u.shape[1] // 2)
-    energy = float((factors.singular_values ** 2).sum()) or 1.0
-    error = abs(measured_output_loss(factors, gram, k) - predicted_loss(factors, k)) / energy
+    error = _loss_mismatch(factors, lambda k: measured_output_loss(factors, gram, k))
     if loss_check_failed(error, LOSS_CHECK_TOLERANCE):
         raise RunFailed(f"{plan.key}: whitened loss check failed on its output's Gram (relative error {error:.1e})")
     return factors

@@ -71,6 +71,25 @@ def _top_eigenvectors(small: torch.Tensor, keep: int) -> tuple[torch.Tensor, tor
     return s, evecs[:, evecs.shape[1] - keep:].flip(1)  # a copy of `keep` columns only, not of all of them
 
 
+# Components with σ at or below this fraction of σ₁ are rounding noise: they carry no signal, and
+# their vectors are zeroed rather than amplified by 1/σ.
+LIVE_FROM = 1e-10
+
+
+def _live_inverse(s: torch.Tensor, keep: int) -> torch.Tensor:
+    """1/σ of the first `keep` components, 0 for those at rounding level (LIVE_FROM)."""
+    live = s[:keep] > s[0] * LIVE_FROM
+    return torch.where(live, 1.0 / s[:keep].where(live, torch.ones_like(s[:keep])), torch.zeros_like(s[:keep]))
+
+
+def _inverse_sigma_ut_w(top: torch.Tensor, w: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """Σ_k⁻¹ U_kᵀ W (float64) with `inv` = `_live_inverse`, W read a block of SVD_ROWS columns at a time."""
+    out = torch.empty(top.shape[1], w.shape[1], dtype=torch.float64, device=top.device)
+    for start in range(0, w.shape[1], SVD_ROWS):
+        out[:, start:start + SVD_ROWS] = top.mT @ w[:, start:start + SVD_ROWS].to(torch.float64)
+    return out.mul_(inv[:, None])
+
+
 def _svd_by_eigh(weights: list[torch.Tensor], white: Whitening, keep: int) -> tuple[torch.Tensor, ...]:
     """Thin SVD of A = W_g L from the eigendecomposition of its smaller Gram (float64), A never formed.
 
@@ -98,14 +117,9 @@ def _svd_by_eigh(weights: list[torch.Tensor], white: Whitening, keep: int) -> tu
     s, top = _top_eigenvectors(small, keep)
     del small
     keep = top.shape[1]
-    # Components at rounding level carry no signal: zero them rather than amplify noise by 1/σ.
-    live = s[:keep] > s[0] * 1e-10
-    inv = torch.where(live, 1.0 / s[:keep].where(live, torch.ones_like(s[:keep])), torch.zeros_like(s[:keep]))
+    inv = _live_inverse(s, keep)
     if wide:  # eigenvectors are U; V_kᵀ L⁻¹ = Σ_k⁻¹ U_kᵀ W_g L L⁻¹: no solve, L L⁻¹ = I (L L⁺ a projection)
-        vt_linv = torch.empty(keep, width, dtype=torch.float64, device=device)
-        for start in range(0, width, SVD_ROWS):
-            vt_linv[:, start:start + SVD_ROWS] = top.mT @ stacked[:, start:start + SVD_ROWS].to(torch.float64)
-        return s, top, white.project_(vt_linv.mul_(inv[:, None]))
+        return s, top, white.project_(_inverse_sigma_ut_w(top, stacked, inv))
     # eigenvectors are V; U_k = A V_k Σ_k⁻¹ = W_g (L V_k Σ_k⁻¹), a block of W_g's rows at a time
     lv = white.left(top).mul_(inv)
     u = torch.empty(rows, keep, dtype=torch.float64, device=device)
@@ -152,15 +166,10 @@ def output_svd(weight: torch.Tensor, gram: torch.Tensor, keep: int) -> GroupFact
     is left as it is (the loss check reads it: `measured_output_loss`).
     """
     s, top = _top_eigenvectors(gram.to(torch.float64).clone(), keep)
-    keep = top.shape[1]
-    live = s[:keep] > s[0] * 1e-10  # as in `_svd_by_eigh`: components at rounding level are zeroed
-    inv = torch.where(live, 1.0 / s[:keep].where(live, torch.ones_like(s[:keep])), torch.zeros_like(s[:keep]))
     w = weight.detach().to(device=gram.device)
-    vt_linv = torch.empty(keep, w.shape[1], dtype=torch.float64, device=gram.device)
-    for start in range(0, w.shape[1], SVD_ROWS):
-        vt_linv[:, start:start + SVD_ROWS] = top.mT @ w[:, start:start + SVD_ROWS].to(torch.float64)
-    white = Whitening(gram.new_empty(0), OUTPUT_METHOD, False, int((s > s[0] * 1e-10).sum()) if s.numel() else 0)
-    return GroupFactors(s, top.contiguous(), vt_linv.mul_(inv[:, None]), w.shape[0], white)
+    vt_linv = _inverse_sigma_ut_w(top, w, _live_inverse(s, top.shape[1]))
+    white = Whitening(gram.new_empty(0), OUTPUT_METHOD, False, int((s > s[0] * LIVE_FROM).sum()))
+    return GroupFactors(s, top.contiguous(), vt_linv, w.shape[0], white)
 
 
 def measured_output_loss(factors: GroupFactors, gram: torch.Tensor, rank: int) -> float:

@@ -13,6 +13,15 @@ from workbench.errors import PluginError, UsageError, blame
 from workbench.api import Adapter, Site, break_even_rank, nearest
 
 
+# The walk's statistic for a group factored from its output's Gram is named `<module path>` + this.
+OUTPUT_STATISTIC = ":output"
+
+
+def output_module(statistic: str) -> str | None:
+    """The module path whose output's Gram `statistic` is (`GroupPlan.statistic`), or None for an input group."""
+    return statistic[:-len(OUTPUT_STATISTIC)] if statistic.endswith(OUTPUT_STATISTIC) else None
+
+
 @dataclass(frozen=True)
 class GroupPlan:
     key: str  # e.g. "q_proj@0-1"
@@ -31,7 +40,7 @@ class GroupPlan:
     def statistic(self) -> str:
         """The name of the walk's statistic this group is factored from: its input group's Gram, or
         (`output_statistic`) the Gram of its own output, which no other group shares."""
-        return f"{self.site.path}:output" if self.output_statistic else self.site.input_group
+        return self.site.path + OUTPUT_STATISTIC if self.output_statistic else self.site.input_group
 
 
 def output_statistics(plans: Sequence[GroupPlan]) -> list[GroupPlan]:
@@ -41,9 +50,10 @@ def output_statistics(plans: Sequence[GroupPlan]) -> list[GroupPlan]:
     is YᵀY for the layer's output Y = X Wᵀ: its eigenvectors are A's left singular vectors, its
     eigenvalues the σ², and Ŵ = U_k U_kᵀ W (what V_kᵀL⁻¹ = Σ_k⁻¹U_kᵀW gives) without L. Where out <
     in, that Gram is the smaller one: LLaMA-7B's down_proj 4096² instead of 11008² (0.13 against
-    0.97 GB per layer, 7× fewer multiply-adds). Taken for an input read only by such groups, when
-    their output Grams together are smaller than the input's; a shared basis (n > 1) needs the
-    input Gram (its cross-layer blocks are not any layer's output).
+    0.97 GB per layer; 7× fewer multiply-adds from a float32 output used as it is, about 0.9× the
+    input Gram's where the output is recomputed: docs/architecture.md). Taken for an input read
+    only by such groups, when their output Grams together are smaller than the input's; a shared
+    basis (n > 1) needs the input Gram (its cross-layer blocks are not any layer's output).
     """
     readers: dict[tuple[str, int], list[GroupPlan]] = {}
     for plan in plans:

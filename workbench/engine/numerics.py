@@ -14,6 +14,7 @@ from torch import nn
 
 from workbench.errors import RunFailed
 from workbench.api import Site
+from workbench.engine.grouping import output_module
 
 
 # Rows per slice of a finiteness check: `torch.isfinite` of a float tensor works on a full-size
@@ -50,8 +51,8 @@ def check_gram(gram: torch.Tensor, index: int, input_group: str, paths: Sequence
     """Refuse a Gram matrix built from NaN/Inf activations (or one whose float64 sums overflowed).
     `input_group`: the walk's statistic, an input group or `<module path>:output` (an output's Gram)."""
     if not all_finite(gram):
-        if input_group.endswith(":output"):
-            where = f"layer {index}, output of {input_group[:-len(':output')]}"
+        if (module := output_module(input_group)) is not None:
+            where = f"layer {index}, output of {module}"
         else:
             where = f"layer {index}, input of {input_group}" + (f" ({', '.join(paths)})" if paths else "")
         raise RunFailed(f"{where}: NaN or Inf in the calibration activations. Earlier layers produced them: "

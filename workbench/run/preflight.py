@@ -61,7 +61,8 @@ def shapes_of(model: torch.nn.Module, plans: Sequence, profile, params: int, ada
 
 
 def _sole_inputs(plans: Sequence) -> frozenset[str]:
-    """Input groups that one matrix type alone reads: their Grams are factored in place (whitening.py)."""
+    """Statistics (`GroupPlan.statistic`) that one matrix type alone reads: an input Gram of these is
+    factored in place (whitening.py)."""
     readers: dict[str, set[str]] = {}
     for p in plans:
         readers.setdefault(p.statistic, set()).add(p.site.path)
