@@ -2,10 +2,11 @@
 
 A random Llama with the layer shapes of LLaMA-7B (hidden 4096, MLP 11008, 32 heads, multi-head
 attention) and `--layers` decoder layers (default 2) is calibrated by the engine itself
-(`workbench.engine.compress.calibrate`, float64 Grams, group size 1) on random token windows, on
-this machine's CPU. Each layer's wall time is split into its pass (the layer's forward over every
-window with the Gram products) and its factoring (whitening, SVD, the loss check), and the RSS is
-sampled every 50 ms.
+(`workbench.engine.compress.calibrate`, group size 1) on random token windows, on this machine's
+CPU or on `--device cuda`, with `--gram-precision` (default float64) and the whitened SVD by the
+device's own route or by `--svd-route eigh|lapack`. Each layer's wall time is split into its pass
+(the layer's forward over every window with the Gram products) and its factoring (whitening, SVD,
+the loss check), and the RSS (and on a GPU its peak allocated memory) is sampled.
 
 What is MEASURED: per-layer pass and factoring seconds, RSS before calibration and its peak during
 it, RSS growth per layer. What is PROJECTED (and printed as such):
@@ -21,6 +22,7 @@ it, RSS growth per layer. What is PROJECTED (and printed as such):
     .venv/bin/python bench/layer_shapes.py --samples 256 --seq-len 2048   # the papers' tokens (slow)
     .venv/bin/python bench/layer_shapes.py --preset tiny --samples 2 --seq-len 16   # a smoke test
     .venv/bin/python bench/layer_shapes.py --json results.json
+    python3 bench/layer_shapes.py --device cuda --samples 64 --seq-len 2048 --gram-precision float32-equilibrated
 
 Run it on an idle machine: the times are what it is for.
 """
@@ -88,6 +90,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--gram-precision", choices=("float64", "float32-equilibrated", "auto"), default="float64")
+    parser.add_argument("--svd-route", choices=("device", "eigh", "lapack"), default="device",
+                        help="the whitened SVD: the device's own route (eigh on a CPU, LAPACK on a GPU) or one forced")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
     if args.threads:
@@ -96,7 +102,8 @@ def main() -> None:
     import psutil
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from workbench.engine import compress
+    from workbench.engine import compress, factorize
+    from workbench.engine.calibration import resolve_gram_precision
     from workbench.engine.grouping import plan_groups
     from workbench.events import CancelToken, EventBus
     from workbench.registry import get_registry
@@ -110,33 +117,55 @@ def main() -> None:
                          num_key_value_heads=kv_heads, num_hidden_layers=args.layers, vocab_size=1024,
                          max_position_embeddings=max(2048, args.seq_len))
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(dtype).eval()
+    device = torch.device(args.device)
+    model = LlamaForCausalLM(config).to(dtype).eval().to(device)
     registry = get_registry()
     adapter = registry.adapter_for(model)
     plans = plan_groups(model, adapter, None, [], 1)
     windows = torch.randint(0, config.vocab_size, (args.samples, args.seq_len))
-    cpu = torch.device("cpu")
+    precision = resolve_gram_precision(args.gram_precision, device)
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     factoring: dict[int, float] = {}  # last layer of the group -> seconds spent factoring there
     original = compress._factor_group
 
     def timed_factor(layers, plan, grams, *rest, **options):
+        synchronize()  # the pass's queued GPU work is the pass's, not the factoring's
         start = time.perf_counter()
         try:
             return original(layers, plan, grams, *rest, **options)
         finally:
+            synchronize()
             factoring[plan.layers[-1]] = factoring.get(plan.layers[-1], 0.0) + time.perf_counter() - start
 
+    def layer_done(event):
+        if event.kind == "progress":
+            synchronize()
+            ends.append(time.perf_counter())
+
     ends: list[float] = []
-    bus = EventBus([lambda e: ends.append(time.perf_counter()) if e.kind == "progress" else None])
+    bus = EventBus([layer_done])
+    routes = {"eigh": factorize._svd_by_eigh, "lapack": factorize._svd_by_lapack}
+    forced = routes.get(args.svd_route)
+    saved_routes = dict(routes)
+    if forced is not None:  # whitened_svd looks both names up when it is called
+        factorize._svd_by_eigh = factorize._svd_by_lapack = forced
     compress._factor_group = timed_factor
     rss_before = psutil.Process().memory_info().rss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         with RssSampler() as rss:
+            synchronize()
             start = time.perf_counter()
-            compress.calibrate(model, adapter, plans, windows, cpu, bus, CancelToken())
+            compress.calibrate(model, adapter, plans, windows, device, bus, CancelToken(), gram_precision=precision)
     finally:
         compress._factor_group = original
+        factorize._svd_by_eigh, factorize._svd_by_lapack = saved_routes["eigh"], saved_routes["lapack"]
+    gpu_peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
     walls = [b - a for a, b in zip([start, *ends[:-1]], ends)]
     rows = [{"layer": i, "wall_s": round(w, 3), "factoring_s": round(factoring.get(i, 0.0), 3),
              "pass_s": round(w - factoring.get(i, 0.0), 3)} for i, w in enumerate(walls)]
@@ -170,20 +199,24 @@ def main() -> None:
     this_run = estimate(measured_shapes)
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": psutil.cpu_count(logical=True),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "shapes": {"preset": args.preset, "hidden": hidden, "mlp": mlp, "heads": heads, "kv_heads": kv_heads,
                    "layers": args.layers, "dtype": args.dtype, "samples": args.samples, "seq_len": args.seq_len},
+        "engine": {"gram_precision": precision, "svd_route": args.svd_route},
         "measured": {"layers": rows, "rss_before_bytes": rss_before, "rss_peak_bytes": rss.peak,
-                     "rss_growth_bytes": rss.peak - rss_before,
+                     "rss_growth_bytes": rss.peak - rss_before, "gpu_peak_allocated_bytes": gpu_peak,
                      "estimate_on_top_of_model_bytes": this_run.memory},
         "projected": projected,
         "plan_estimate_bytes": {"7b": plan_memory(SEVEN_B), "70b": plan_memory(SEVENTY_B)},
     }
     print(json.dumps(result, indent=2))
-    print(f"\nMEASURED on this CPU ({args.layers} layers at {args.preset} shapes, {args.samples} × {args.seq_len} "
-          f"tokens, {args.dtype}): mean pass {mean_pass:.2f} s + factoring {mean_factor:.2f} s per layer; RSS "
-          f"{format_bytes(rss_before)} before calibration, peak {format_bytes(rss.peak)} (plan's estimate on top "
-          f"of the model: {format_bytes(this_run.memory)})")
+    where = "this CPU" if device.type == "cpu" else f"{result['machine']['gpu']} ({device})"
+    gpu = "" if gpu_peak is None else f"; GPU peak allocated {format_bytes(gpu_peak)}"
+    print(f"\nMEASURED on {where} ({args.layers} layers at {args.preset} shapes, {args.samples} × {args.seq_len} "
+          f"tokens, {args.dtype}, {precision} Grams, SVD route {args.svd_route}): mean pass {mean_pass:.2f} s + "
+          f"factoring {mean_factor:.2f} s per layer; RSS {format_bytes(rss_before)} before calibration, peak "
+          f"{format_bytes(rss.peak)}{gpu} (plan's estimate on top of the model: {format_bytes(this_run.memory)})")
     seven = projected["7b_calibration_s"]
     seventy = projected["70b_calibration_s"]
     print(f"PROJECTED: 7B calibration {'n/a (other shapes)' if seven is None else f'{seven:.0f} s'}, 70B "

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,11 +23,16 @@ def _run(script: str, *args: str) -> str:
     return done.stdout
 
 
-def test_layer_shapes_measures_a_pass_and_a_factoring_per_layer(tmp_path):
+@pytest.mark.parametrize("engine", [[], ["--gram-precision", "float32-equilibrated", "--svd-route", "lapack"]],
+                         ids=["defaults", "chosen"])
+def test_layer_shapes_measures_a_pass_and_a_factoring_per_layer(tmp_path, engine):
     out = tmp_path / "shapes.json"
     _run("layer_shapes.py", "--preset", "tiny", "--layers", "2", "--samples", "2", "--seq-len", "16",
-         "--json", str(out))
+         "--json", str(out), *engine)
     result = json.loads(out.read_text())
+    assert result["engine"] == ({"gram_precision": "float64", "svd_route": "device"} if not engine else
+                                {"gram_precision": "float32-equilibrated", "svd_route": "lapack"})
+    assert result["machine"]["device"] == "cpu" and result["measured"]["gpu_peak_allocated_bytes"] is None
     layers = result["measured"]["layers"]
     assert [row["layer"] for row in layers] == [0, 1]
     for row in layers:  # factoring_s is 0 when the script's timer no longer wraps the engine's factoring
@@ -50,3 +57,23 @@ def test_gram_panels_times_each_panel_width_in_each_mode():
     assert [row["mode"] for row in rows] == ["float32", "float32, scaled", "float64"]
     for row in rows:  # a panel as wide as the input or wider is the whole product, not timed twice
         assert set(row["ms"]) == {"whole", "16"} and all(v > 0 for v in row["ms"].values())
+
+
+def test_the_device_check_runs_every_step_and_leaves_what_the_device_tool_brings_back(tmp_path):
+    """bench/device_check.sh on this CPU at tiny sizes: every step passes, and $OUT holds at most 8
+    plain files (all that a GPU loan's tool returns)."""
+    import os
+
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "WB_DEVICE": "cpu",
+           "WB_LAYER_ARGS": "--preset tiny --layers 2 --samples 2 --seq-len 16", "WB_GRAM_SHAPES": "64x256"}
+    done = subprocess.run(["bash", str(ROOT / "bench" / "device_check.sh")], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["gram-products.jsonl", "layers-float32-equilibrated-device.json",
+                     "layers-float32-equilibrated-eigh.json", "layers-float64-device.json", "log.txt",
+                     "machine.txt", "tests.txt"]
+    assert " passed" in (tmp_path / "tests.txt").read_text()
+    routes = {(r["engine"]["gram_precision"], r["engine"]["svd_route"])
+              for r in (json.loads((tmp_path / f).read_text()) for f in files if f.startswith("layers-"))}
+    assert routes == {("float64", "device"), ("float32-equilibrated", "device"), ("float32-equilibrated", "eigh")}
