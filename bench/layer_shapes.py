@@ -8,8 +8,10 @@ device's own route or by `--svd-route eigh|lapack`. Each layer's wall time is sp
 (the layer's forward over every window with the Gram products) and its factoring (whitening, SVD,
 the loss check), and the RSS (and on a GPU its peak allocated memory) is sampled.
 
-What is MEASURED: per-layer pass and factoring seconds, RSS before calibration and its peak during
-it, RSS growth per layer. What is PROJECTED (and printed as such):
+What is MEASURED: per-layer pass and factoring seconds, the whole calibration against the floor
+(one plain forward pass of the same model over the same windows, as bench/quickstart.py's), RSS
+before calibration and its peak during it, RSS growth per layer.
+What is PROJECTED (and printed as such):
 - the 7B calibration time: 32 × the mean measured layer (same shapes, so only the layer count changes);
 - the 70B calibration time: 80 layers, each pass scaled by the ratio of float64 Gram multiply-adds
   plus the layer's forward multiply-adds (Σ in² + parameters per layer, per token), each factoring by
@@ -166,6 +168,16 @@ def main() -> None:
         compress._factor_group = original
         factorize._svd_by_eigh, factorize._svd_by_lapack = saved_routes["eigh"], saved_routes["lapack"]
     gpu_peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    calibration_s = ends[-1] - start
+    # The floor, as bench/quickstart.py's: one plain forward pass of the same model over the same
+    # windows, 8 at a time. With a 1024-token vocabulary it is the decoder layers' forward alone.
+    with torch.inference_mode():
+        synchronize()
+        floor_start = time.perf_counter()
+        for first in range(0, args.samples, 8):
+            model(input_ids=windows[first:first + 8].to(device), use_cache=False)
+        synchronize()
+    floor_s = time.perf_counter() - floor_start
     walls = [b - a for a, b in zip([start, *ends[:-1]], ends)]
     rows = [{"layer": i, "wall_s": round(w, 3), "factoring_s": round(factoring.get(i, 0.0), 3),
              "pass_s": round(w - factoring.get(i, 0.0), 3)} for i, w in enumerate(walls)]
@@ -206,6 +218,8 @@ def main() -> None:
         "engine": {"gram_precision": precision, "svd_route": args.svd_route},
         "measured": {"layers": rows, "rss_before_bytes": rss_before, "rss_peak_bytes": rss.peak,
                      "rss_growth_bytes": rss.peak - rss_before, "gpu_peak_allocated_bytes": gpu_peak,
+                     "calibration_s": round(calibration_s, 3), "floor_s": round(floor_s, 3),
+                     "calibrate_over_floor": round(calibration_s / floor_s, 2),
                      "estimate_on_top_of_model_bytes": this_run.memory},
         "projected": projected,
         "plan_estimate_bytes": {"7b": plan_memory(SEVEN_B), "70b": plan_memory(SEVENTY_B)},
@@ -215,7 +229,8 @@ def main() -> None:
     gpu = "" if gpu_peak is None else f"; GPU peak allocated {format_bytes(gpu_peak)}"
     print(f"\nMEASURED on {where} ({args.layers} layers at {args.preset} shapes, {args.samples} × {args.seq_len} "
           f"tokens, {args.dtype}, {precision} Grams, SVD route {args.svd_route}): mean pass {mean_pass:.2f} s + "
-          f"factoring {mean_factor:.2f} s per layer; RSS {format_bytes(rss_before)} before calibration, peak "
+          f"factoring {mean_factor:.2f} s per layer, calibration {calibration_s:.1f} s against a floor of {floor_s:.1f} s "
+          f"(one plain forward pass, {calibration_s / floor_s:.2f}×); RSS {format_bytes(rss_before)} before calibration, peak "
           f"{format_bytes(rss.peak)}{gpu} (plan's estimate on top of the model: {format_bytes(this_run.memory)})")
     seven = projected["7b_calibration_s"]
     seventy = projected["70b_calibration_s"]

@@ -32,7 +32,10 @@ def test_layer_shapes_measures_a_pass_and_a_factoring_per_layer(tmp_path, engine
     result = json.loads(out.read_text())
     assert result["engine"] == ({"gram_precision": "float64", "svd_route": "device"} if not engine else
                                 {"gram_precision": "float32-equilibrated", "svd_route": "lapack"})
-    assert result["machine"]["device"] == "cpu" and result["measured"]["gpu_peak_allocated_bytes"] is None
+    measured = result["measured"]
+    assert result["machine"]["device"] == "cpu" and measured["gpu_peak_allocated_bytes"] is None
+    assert measured["calibration_s"] >= sum(row["wall_s"] for row in measured["layers"]) - 0.01
+    assert measured["floor_s"] > 0 and measured["calibrate_over_floor"] > 0
     layers = result["measured"]["layers"]
     assert [row["layer"] for row in layers] == [0, 1]
     for row in layers:  # factoring_s is 0 when the script's timer no longer wraps the engine's factoring
