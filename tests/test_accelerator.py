@@ -61,20 +61,13 @@ def tf32_switched_on():
 # ------------------------------------------------------------------------------ the whitened SVD
 
 
-def _lapack(weights, white, keep):
-    return _svd_by_lapack(weights, white, keep)
-
-
-def _eigh(weights, white, keep):
-    return _svd_by_eigh(weights, white, keep)
-
-
 def _chosen(weights, white, keep):
+    """The route `whitened_svd` picks for the device: LAPACK's SVD on a GPU, eigh of the smaller Gram on a CPU."""
     f = whitened_svd(weights, None, keep, white=white)
     return f.singular_values, f.u, f.vt_linv
 
 
-@pytest.mark.parametrize("route", [_chosen, _eigh, _lapack], ids=["chosen", "eigh", "lapack"])
+@pytest.mark.parametrize("route", [_chosen, _svd_by_eigh, _svd_by_lapack], ids=["chosen", "eigh", "lapack"])
 @pytest.mark.parametrize("shapes", [[(40, 96)], [(200, 96)], [(40, 96), (40, 96)]], ids=["wide", "tall", "shared"])
 def test_the_whitened_svd_on_the_accelerator_matches_float64(route, shapes):
     """σ against the float64 SVD of W·Xᵀ on the CPU, and the rank-k reconstruction's loss on the data
