@@ -8,7 +8,8 @@
 #   2. one batch's Gram products at LLaMA-7B widths, float64 against float32-equilibrated
 #      (bench/gram_precision.py --shape);
 #   3. a LLaMA-7B-shaped layer calibrated by the engine on the GPU (32 × 2048 tokens): float64
-#      Grams, then float32-equilibrated, then float32-equilibrated with the SVD by eigh
+#      Grams, then float32-equilibrated, then float32-equilibrated with the SVD by eigh; each
+#      against the floor (one plain forward pass), with the Fisher pass over 8 windows
 #      (bench/layer_shapes.py).
 #
 #   bash bench/device_check.sh            # results in $OUT, else ./device-check
@@ -24,7 +25,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-device-check}
 PY=${PYTHON:-python3}
 DEVICE=${WB_DEVICE:-cuda}
-LAYER_ARGS=${WB_LAYER_ARGS:---layers 1 --samples 32 --seq-len 2048}
+LAYER_ARGS=${WB_LAYER_ARGS:---layers 1 --samples 32 --seq-len 2048 --fisher 8}
 GRAM_SHAPES=${WB_GRAM_SHAPES:-4096x16384 11008x16384}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
@@ -62,12 +63,14 @@ step tests "$OUT/tests.txt" 150 env WORKBENCH_TEST_ACCELERATOR="$DEVICE" \
     "$PY" -m pytest -q -p no:cacheprovider -p no:textual-snapshot tests/test_accelerator.py
 shapes=()
 for shape in $GRAM_SHAPES; do shapes+=(--shape "$shape"); done
-step gram-products "$OUT/gram-products.jsonl" 60 "$PY" bench/gram_precision.py --device "$DEVICE" --repeats 5 "${shapes[@]}"
+step gram-products "$OUT/gram-products.jsonl" 60 \
+    "$PY" bench/gram_precision.py --device "$DEVICE" --repeats 5 "${shapes[@]}"
 for run in "float64 device" "float32-equilibrated device" "float32-equilibrated eigh"; do
     read -r precision route <<< "$run"
     # shellcheck disable=SC2086  # LAYER_ARGS is a list of arguments
-    step "layers $precision $route" "$OUT/layers-$precision-$route.txt" 90 "$PY" bench/layer_shapes.py --device "$DEVICE" \
-        $LAYER_ARGS --gram-precision "$precision" --svd-route "$route" --json "$OUT/layers-$precision-$route.json"
+    step "layers $precision $route" "$OUT/layers-$precision-$route.txt" 90 \
+        "$PY" bench/layer_shapes.py --device "$DEVICE" $LAYER_ARGS --gram-precision "$precision" \
+        --svd-route "$route" --json "$OUT/layers-$precision-$route.json"
     # its figures are in the JSON and its summary in the log; the whole output is kept only where it failed
     [ -s "$OUT/layers-$precision-$route.json" ] && rm -f "$OUT/layers-$precision-$route.txt"
 done

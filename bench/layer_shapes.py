@@ -9,8 +9,9 @@ device's own route or by `--svd-route eigh|lapack`. Each layer's wall time is sp
 the loss check), and the RSS (and on a GPU its peak allocated memory) is sampled.
 
 What is MEASURED: per-layer pass and factoring seconds, the whole calibration against the floor
-(one plain forward pass of the same model over the same windows, as bench/quickstart.py's), RSS
-before calibration and its peak during it, RSS growth per layer.
+(one plain forward pass of the same model over the same windows, as bench/quickstart.py's) and,
+with `--fisher N`, the Fisher pass over N windows against it too; RSS before calibration and its
+peak during it, RSS growth per layer.
 What is PROJECTED (and printed as such):
 - the 7B calibration time: 32 × the mean measured layer (same shapes, so only the layer count changes);
 - the 70B calibration time: 80 layers, each pass scaled by the ratio of float64 Gram multiply-adds
@@ -94,6 +95,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--gram-precision", choices=("float64", "float32-equilibrated", "auto"), default="float64")
+    parser.add_argument("--fisher", type=int, default=0, metavar="WINDOWS",
+                        help="also time the Fisher pass over this many windows (the default allocator's signal)")
     parser.add_argument("--svd-route", choices=("device", "eigh", "lapack"), default="device",
                         help="the whitened SVD: the device's own route (eigh on a CPU, LAPACK on a GPU) or one forced")
     parser.add_argument("--json", default=None, help="also write the results to this file")
@@ -163,7 +166,8 @@ def main() -> None:
         with RssSampler() as rss:
             synchronize()
             start = time.perf_counter()
-            compress.calibrate(model, adapter, plans, windows, device, bus, CancelToken(), gram_precision=precision)
+            calibrated = compress.calibrate(model, adapter, plans, windows, device, bus, CancelToken(),
+                                            gram_precision=precision)
     finally:
         compress._factor_group = original
         factorize._svd_by_eigh, factorize._svd_by_lapack = saved_routes["eigh"], saved_routes["lapack"]
@@ -178,6 +182,17 @@ def main() -> None:
             model(input_ids=windows[first:first + 8].to(device), use_cache=False)
         synchronize()
     floor_s = time.perf_counter() - floor_start
+    fisher_s = None
+    if args.fisher:  # the default allocator's signal on the first windows, as a run computes it
+        from workbench_signals.fisher import fisher_scores
+
+        synchronize()
+        fisher_start = time.perf_counter()
+        fisher_scores(model, adapter, plans, calibrated.factors, windows[:args.fisher], device, EventBus(),
+                      CancelToken())
+        synchronize()
+        fisher_s = time.perf_counter() - fisher_start
+    del calibrated
     walls = [b - a for a, b in zip([start, *ends[:-1]], ends)]
     rows = [{"layer": i, "wall_s": round(w, 3), "factoring_s": round(factoring.get(i, 0.0), 3),
              "pass_s": round(w - factoring.get(i, 0.0), 3)} for i, w in enumerate(walls)]
@@ -220,6 +235,9 @@ def main() -> None:
                      "rss_growth_bytes": rss.peak - rss_before, "gpu_peak_allocated_bytes": gpu_peak,
                      "calibration_s": round(calibration_s, 3), "floor_s": round(floor_s, 3),
                      "calibrate_over_floor": round(calibration_s / floor_s, 2),
+                     "fisher_windows": args.fisher or None,
+                     "fisher_s": None if fisher_s is None else round(fisher_s, 3),
+                     "fisher_over_floor": None if fisher_s is None else round(fisher_s / floor_s, 2),
                      "estimate_on_top_of_model_bytes": this_run.memory},
         "projected": projected,
         "plan_estimate_bytes": {"7b": plan_memory(SEVEN_B), "70b": plan_memory(SEVENTY_B)},
@@ -227,11 +245,14 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     where = "this CPU" if device.type == "cpu" else f"{result['machine']['gpu']} ({device})"
     gpu = "" if gpu_peak is None else f"; GPU peak allocated {format_bytes(gpu_peak)}"
+    fisher = ("" if fisher_s is None else
+              f", Fisher pass over {args.fisher} windows {fisher_s:.1f} s ({fisher_s / floor_s:.2f}×)")
     print(f"\nMEASURED on {where} ({args.layers} layers at {args.preset} shapes, {args.samples} × {args.seq_len} "
           f"tokens, {args.dtype}, {precision} Grams, SVD route {args.svd_route}): mean pass {mean_pass:.2f} s + "
-          f"factoring {mean_factor:.2f} s per layer, calibration {calibration_s:.1f} s against a floor of {floor_s:.1f} s "
-          f"(one plain forward pass, {calibration_s / floor_s:.2f}×); RSS {format_bytes(rss_before)} before calibration, peak "
-          f"{format_bytes(rss.peak)}{gpu} (plan's estimate on top of the model: {format_bytes(this_run.memory)})")
+          f"factoring {mean_factor:.2f} s per layer, calibration {calibration_s:.1f} s against a floor of "
+          f"{floor_s:.1f} s (one plain forward pass, {calibration_s / floor_s:.2f}×){fisher}; RSS "
+          f"{format_bytes(rss_before)} before calibration, peak {format_bytes(rss.peak)}{gpu} (plan's estimate on "
+          f"top of the model: {format_bytes(this_run.memory)})")
     seven = projected["7b_calibration_s"]
     seventy = projected["70b_calibration_s"]
     print(f"PROJECTED: 7B calibration {'n/a (other shapes)' if seven is None else f'{seven:.0f} s'}, 70B "

@@ -23,8 +23,10 @@ def _run(script: str, *args: str) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("engine", [[], ["--gram-precision", "float32-equilibrated", "--svd-route", "lapack"]],
-                         ids=["defaults", "chosen"])
+CHOSEN = ["--gram-precision", "float32-equilibrated", "--svd-route", "lapack", "--fisher", "2"]
+
+
+@pytest.mark.parametrize("engine", [[], CHOSEN], ids=["defaults", "chosen"])
 def test_layer_shapes_measures_a_pass_and_a_factoring_per_layer(tmp_path, engine):
     out = tmp_path / "shapes.json"
     _run("layer_shapes.py", "--preset", "tiny", "--layers", "2", "--samples", "2", "--seq-len", "16",
@@ -36,6 +38,8 @@ def test_layer_shapes_measures_a_pass_and_a_factoring_per_layer(tmp_path, engine
     assert result["machine"]["device"] == "cpu" and measured["gpu_peak_allocated_bytes"] is None
     assert measured["calibration_s"] >= sum(row["wall_s"] for row in measured["layers"]) - 0.01
     assert measured["floor_s"] > 0 and measured["calibrate_over_floor"] > 0
+    fisher = measured["fisher_windows"], measured["fisher_over_floor"] is None
+    assert fisher == ((2, False) if engine else (None, True))
     layers = result["measured"]["layers"]
     assert [row["layer"] for row in layers] == [0, 1]
     for row in layers:  # factoring_s is 0 when the script's timer no longer wraps the engine's factoring
