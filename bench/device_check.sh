@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The checks only a GPU can make, in one run sized for a short loan of a GPU box: from a plain
-# checkout, nothing downloaded, each step under a time limit, 8 minutes at the very most (not yet
+# checkout, nothing downloaded, each step under a time limit, 9.5 minutes at the very most (not yet
 # run on a GPU: the limits are estimates, and a step that hits one is reported as such):
 #   1. tests/test_accelerator.py on CUDA: the whitened SVD by LAPACK on the device, Grams with TF32
 #      switched on, the Fisher pass under bf16 autocast with batched windows, LoRA recovery, offload
 #      to the host and whole runs, against float64 references computed on the CPU;
 #   2. one batch's Gram products at LLaMA-7B widths, float64 against float32-equilibrated
 #      (bench/gram_precision.py --shape);
-#   3. a LLaMA-7B-shaped layer calibrated by the engine on the GPU (32 × 2048 tokens): float64
+#   3. a LLaMA-7B-shaped bf16 layer calibrated by the engine on the GPU (128 × 2048 tokens): float64
 #      Grams, then float32-equilibrated, then float32-equilibrated with the SVD by eigh; each
 #      against the floor (one plain forward pass), with the Fisher pass over 8 windows
 #      (bench/layer_shapes.py).
@@ -25,7 +25,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-device-check}
 PY=${PYTHON:-python3}
 DEVICE=${WB_DEVICE:-cuda}
-LAYER_ARGS=${WB_LAYER_ARGS:---layers 1 --samples 32 --seq-len 2048 --fisher 8}
+LAYER_ARGS=${WB_LAYER_ARGS:---layers 1 --samples 128 --seq-len 2048 --dtype bfloat16 --fisher 8}
 GRAM_SHAPES=${WB_GRAM_SHAPES:-4096x16384 11008x16384}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
@@ -68,7 +68,7 @@ step gram-products "$OUT/gram-products.jsonl" 60 \
 for run in "float64 device" "float32-equilibrated device" "float32-equilibrated eigh"; do
     read -r precision route <<< "$run"
     # shellcheck disable=SC2086  # LAYER_ARGS is a list of arguments
-    step "layers $precision $route" "$OUT/layers-$precision-$route.txt" 90 \
+    step "layers $precision $route" "$OUT/layers-$precision-$route.txt" 120 \
         "$PY" bench/layer_shapes.py --device "$DEVICE" $LAYER_ARGS --gram-precision "$precision" \
         --svd-route "$route" --json "$OUT/layers-$precision-$route.json"
     # its figures are in the JSON and its summary in the log; the whole output is kept only where it failed
