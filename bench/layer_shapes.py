@@ -107,6 +107,7 @@ def main() -> None:
     import psutil
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from quickstart import forward_seconds  # bench/, beside this script
     from workbench.engine import compress, factorize
     from workbench.engine.calibration import resolve_gram_precision
     from workbench.engine.grouping import plan_groups
@@ -153,9 +154,8 @@ def main() -> None:
 
     ends: list[float] = []
     bus = EventBus([layer_done])
-    routes = {"eigh": factorize._svd_by_eigh, "lapack": factorize._svd_by_lapack}
+    routes = {"eigh": factorize._svd_by_eigh, "lapack": factorize._svd_by_lapack}  # the originals, restored after
     forced = routes.get(args.svd_route)
-    saved_routes = dict(routes)
     if forced is not None:  # whitened_svd looks both names up when it is called
         factorize._svd_by_eigh = factorize._svd_by_lapack = forced
     compress._factor_group = timed_factor
@@ -170,18 +170,12 @@ def main() -> None:
                                             gram_precision=precision)
     finally:
         compress._factor_group = original
-        factorize._svd_by_eigh, factorize._svd_by_lapack = saved_routes["eigh"], saved_routes["lapack"]
+        factorize._svd_by_eigh, factorize._svd_by_lapack = routes["eigh"], routes["lapack"]
     gpu_peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
     calibration_s = ends[-1] - start
-    # The floor, as bench/quickstart.py's: one plain forward pass of the same model over the same
-    # windows, 8 at a time. With a 1024-token vocabulary it is the decoder layers' forward alone.
-    with torch.inference_mode():
-        synchronize()
-        floor_start = time.perf_counter()
-        for first in range(0, args.samples, 8):
-            model(input_ids=windows[first:first + 8].to(device), use_cache=False)
-        synchronize()
-    floor_s = time.perf_counter() - floor_start
+    # The floor, bench/quickstart.py's: one plain forward pass of the same model over the same windows.
+    # With a 1024-token vocabulary it is the decoder layers' forward alone.
+    floor_s = forward_seconds(model, windows, device)
     fisher_s = None
     if args.fisher:  # the default allocator's signal on the first windows, as a run computes it
         from workbench_signals.fisher import fisher_scores

@@ -30,6 +30,24 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def forward_seconds(model, windows: torch.Tensor, device, batch: int = 8) -> float:
+    """One plain forward pass of `model` over `windows`, `batch` at a time (the engine's batches): the
+    floor. On a GPU its queued work is waited for before and after."""
+    device = torch.device(device)
+
+    def wait():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with torch.inference_mode():
+        wait()
+        start = time.perf_counter()
+        for i in range(0, windows.shape[0], batch):
+            model(input_ids=windows[i:i + batch].to(device), use_cache=False)
+        wait()
+    return time.perf_counter() - start
+
+
 def floor_seconds(profile, repeats: int) -> float:
     from workbench.sources.text import calibration_windows
     from workbench.sources.models import load_model
@@ -37,15 +55,8 @@ def floor_seconds(profile, repeats: int) -> float:
     loaded = load_model(profile.model.source, profile.model.dtype, profile.model.device)
     windows = calibration_windows(loaded.tokenizer, profile.calibration.dataset, profile.calibration.samples,
                                   profile.calibration.seq_len, profile.calibration.seed)
-    times = []
-    with torch.inference_mode():
-        # The whole model, lm_head included, in the engine's batches of 8 windows.
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for i in range(0, windows.shape[0], 8):
-                loaded.model(input_ids=windows[i:i + 8].to(loaded.device), use_cache=False)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    # The whole model, lm_head included.
+    return statistics.median(forward_seconds(loaded.model, windows, loaded.device) for _ in range(repeats))
 
 
 def main() -> None:

@@ -109,17 +109,19 @@ def tiny_workspace(tmp_path_factory):
 
 
 def tiny_profile(root, out, ratio=0.3, group_size=1, extra: str = "", *, samples: int = 8,
-                 allocator: str | None = None, allocator_options: str = "") -> str:
-    """A profile of the tiny model in `root` (see tiny_workspace); `allocator_options` is TOML lines."""
+                 allocator: str | None = None, allocator_options: str = "", device: str = "cpu",
+                 offload: str | None = None) -> str:
+    """A profile of the tiny model in `root` (see tiny_workspace); `allocator_options` is TOML lines;
+    `offload` left out, the profile's default applies."""
     chosen = f'allocator = "{allocator}"\n' if allocator else ""
+    placement = f'device = "{device}"\n' + (f'offload = "{offload}"\n' if offload is not None else "")
     if allocator_options:
         chosen += f"[compression.allocator_options]\n{allocator_options}"
     return f"""
 name = "tiny"
 [model]
 source = "{root / 'tiny-llama'}"
-device = "cpu"
-[calibration]
+{placement}[calibration]
 dataset = "{root / 'corpus.txt'}"
 samples = {samples}
 seq_len = 32

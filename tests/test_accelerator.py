@@ -175,8 +175,8 @@ def test_the_fisher_pass_on_the_accelerator_matches_float64(registry):
 
 
 def _profile(root, out, device, allocator: str = "loss-aware", offload: str = "none", extra: str = ""):
-    text = tiny_profile(root, out, ratio=0.3, allocator=allocator, extra=extra)
-    return parse_profile(text.replace('device = "cpu"\n', f'device = "{device}"\noffload = "{offload}"\n', 1))
+    return parse_profile(tiny_profile(root, out, ratio=0.3, allocator=allocator, extra=extra, device=device,
+                                      offload=offload))
 
 
 def _perplexity(report, model: str) -> float:

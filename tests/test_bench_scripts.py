@@ -40,7 +40,7 @@ def test_layer_shapes_measures_a_pass_and_a_factoring_per_layer(tmp_path, engine
     assert measured["floor_s"] > 0 and measured["calibrate_over_floor"] > 0
     fisher = measured["fisher_windows"], measured["fisher_over_floor"] is None
     assert fisher == ((2, False) if engine else (None, True))
-    layers = result["measured"]["layers"]
+    layers = measured["layers"]
     assert [row["layer"] for row in layers] == [0, 1]
     for row in layers:  # factoring_s is 0 when the script's timer no longer wraps the engine's factoring
         assert 0 < row["factoring_s"] <= row["wall_s"] and row["pass_s"] >= 0

@@ -295,9 +295,9 @@ def offload_job(tmp_path_factory):
     write_text_corpus(root / "corpus.txt")
     profiles = {}
     for mode in ("none", "disk"):
-        text = tiny_profile(root, root / "unused", ratio=0.3, group_size=2, samples=10, allocator="drank")
         profiles[mode] = root / f"{mode}.toml"
-        profiles[mode].write_text(text.replace('device = "cpu"\n', f'device = "cpu"\noffload = "{mode}"\n', 1))
+        profiles[mode].write_text(tiny_profile(root, root / "unused", ratio=0.3, group_size=2, samples=10,
+                                               allocator="drank", offload=mode))
     one = subprocess.run(_command(profiles["none"], root / "one"),
                          env=_env(WORKBENCH_DENSE_CACHE=str(root / "cache-one")), capture_output=True, text=True,
                          timeout=TIMEOUT)

@@ -33,8 +33,8 @@ LOGITS_ATOL = 1e-4
 
 
 def _profile(root, out, offload_mode: str, allocator: str = "drank", group_size: int = 2, extra: str = ""):
-    text = tiny_profile(root, out, ratio=0.3, group_size=group_size, allocator=allocator, extra=extra)
-    return parse_profile(text.replace('device = "cpu"\n', f'device = "cpu"\noffload = "{offload_mode}"\n', 1))
+    return parse_profile(tiny_profile(root, out, ratio=0.3, group_size=group_size, allocator=allocator, extra=extra,
+                                      offload=offload_mode))
 
 
 def _isolated_run(profile, tmp_path_factory, **kw):
@@ -63,7 +63,7 @@ def _logits(model, ids):
 
 def test_offload_defaults_to_auto_and_rejects_an_unknown_mode(tiny_workspace, tmp_path):
     assert parse_profile(tiny_profile(tiny_workspace, tmp_path / "o")).model.offload == "auto"
-    text = tiny_profile(tiny_workspace, tmp_path / "o").replace('device = "cpu"\n', 'device = "cpu"\noffload = "gpu"\n')
+    text = tiny_profile(tiny_workspace, tmp_path / "o", offload="gpu")
     with pytest.raises(ProfileError) as caught:
         parse_profile(text)
     message = str(caught.value)
