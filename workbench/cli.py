@@ -527,9 +527,22 @@ def generate(
     _show_continuations(out, prompt, texts)
 
 
+# Set by `_interrupt_now`: an interrupt raised where Python ignores exceptions (a destructor, a weakref
+# callback) is printed and dropped, and the command would finish as if no signal had come.
+_signalled = False
+
+
 def _interrupt_now(signum, frame):
     """Outside a run's own handling: stop where the program is, as an interrupt (typer: exit 130)."""
+    global _signalled
+    _signalled = True
     raise KeyboardInterrupt
+
+
+def _interrupted_exit() -> SystemExit:
+    with contextlib.suppress(Exception):
+        err.print("[yellow]interrupted[/]")
+    return SystemExit(int(ExitCode.INTERRUPTED))
 
 
 def main() -> None:
@@ -539,11 +552,11 @@ def main() -> None:
         app()
         outcome = SystemExit(0)
     except KeyboardInterrupt:  # outside a command (typer turns those into exit 130)
-        with contextlib.suppress(Exception):
-            err.print("[yellow]interrupted[/]")
-        outcome = SystemExit(int(ExitCode.INTERRUPTED))
+        outcome = _interrupted_exit()
     except SystemExit as exc:
         outcome = exc
+    if outcome.code in (0, None) and _signalled:  # the interrupt was swallowed on the way: still one
+        outcome = _interrupted_exit()
     code = outcome.code if isinstance(outcome.code, int) else int(outcome.code is not None)
     _handle_signals(_leave(code))  # the exit is decided: a late signal hurries it (atexit too), never changes it
     raise outcome
