@@ -202,9 +202,9 @@ def test_the_old_fisher_windows_spelling_names_the_new_key(registry):
     assert "[signals.fisher] windows" in str(problem)
     resolved = parse_profile('[compression]\nallocator = "loss-aware"\n[signals.fisher]\nwindows = 4\n',
                              registry=registry)
-    assert resolved.signals == {"fisher": {"windows": 4}}
+    assert resolved.signals == {"fisher": {"windows": 4, "precision": "auto"}}
     assert parse_profile('[compression]\nallocator = "loss-aware"\n', registry=registry).signals == {
-        "fisher": {"windows": 8}}  # the declared default, filled like any option
+        "fisher": {"windows": 8, "precision": "auto"}}  # the declared defaults, filled like any option
 
 
 # ---------------------------------------------------------------------------------- the layer walk

@@ -9,7 +9,9 @@ what we return, one value per kept component.
 
 Cost: one forward and one backward pass per batch of windows, the backward computing input
 gradients only (no weight gradients), plus r·(in + out) multiply-adds per token and targeted
-matrix for the projections (`fisher_scores`): ≈3 forward passes per window; bf16 autocast under CUDA.
+matrix for the projections (`fisher_scores`): ≈3 forward passes per window. Under bf16 autocast
+where the hardware multiplies bf16 natively (`resolve_precision`), which halves the pass on such a
+CPU and costs ~2% of each score, far below what the choice of windows moves it (docs/speed.md).
 """
 
 from __future__ import annotations
@@ -19,8 +21,36 @@ from typing import Any, Mapping, Sequence
 from workbench.api import Option, Signal, SignalContext, all_reduce_sum, process_share
 
 
+PRECISIONS = ("auto", "bfloat16", "float32")
+# x86 instruction sets with bf16 dot products; an arm64 CPU's "bf16" is left out until measured.
+NATIVE_BF16_CPU = ("avx512_bf16", "amx_bf16")
+
+
+def resolve_precision(precision: str, device) -> str:
+    """"bfloat16" (autocast) or "float32" for `precision` on `device`; "auto" by the hardware, never timed.
+
+    bf16 where it multiplies natively: CUDA GPUs of compute capability ≥ 8.0 (A100, H100, RTX 30xx
+    and later) and x86 CPUs with AVX512-BF16 or AMX-BF16, where a bf16 matrix product measured 4×
+    a float32 one (docs/speed.md). Elsewhere (older GPUs, CPUs that would emulate it) float32.
+    A model already in bf16/fp16 runs as it is either way."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown Fisher precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.get_device_capability(device) >= (8, 0) else "float32"
+    if device.type == "cpu":
+        capabilities = torch.cpu.get_capabilities()
+        return "bfloat16" if any(capabilities.get(name) for name in NATIVE_BF16_CPU) else "float32"
+    return "float32"
+
+
 def fisher_scores(model, adapter, plans: Sequence[Any], factors: Mapping[str, Any], windows, device, events,
-                  cancel, stage: str = "sensitivity", per_pass: int | None = None) -> dict[str, Any]:
+                  cancel, stage: str = "sensitivity", per_pass: int | None = None,
+                  precision: str = "auto") -> dict[str, Any]:
     """{group key: F (float64, one per kept component)}: one forward and one backward pass per batch of windows.
 
     No weight gradient is formed. For a targeted linear y = x Wᵀ (+ b) with inputs X_b and output
@@ -30,6 +60,7 @@ def fisher_scores(model, adapter, plans: Sequence[Any], factors: Mapping[str, An
     gradient, so the backward pass computes input gradients alone (no weight, embedding or lm_head
     gradients). Windows are batched `per_pass` at a time (default: `windows_per_pass`); the loss
     is the sum of the windows' mean token losses, so each window's Δ_b is its own loss's gradient.
+    `precision` as `resolve_precision` takes it; under bf16 the per-token products are summed in float32.
     """
     import torch
     from torch.nn import functional as F
@@ -40,6 +71,7 @@ def fisher_scores(model, adapter, plans: Sequence[Any], factors: Mapping[str, An
     windows = windows[mine.start:mine.stop]
     n = windows.shape[0]
     per_pass = per_pass or windows_per_pass(model, windows.shape[1], device, n)
+    bf16 = resolve_precision(precision, device) == "bfloat16"
     current: dict[str, torch.Tensor] = {}  # per window of this pass: Σ_t (ΔU)·(XP), before σ
     total: dict[str, torch.Tensor] = {}
     handles = []
@@ -51,11 +83,11 @@ def fisher_scores(model, adapter, plans: Sequence[Any], factors: Mapping[str, An
         def forward_hook(module, args, output):
             x = args[0].detach()
             dtype = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 activations: float32 sums
-            xp = x.to(dtype) @ p.to(dtype)  # windows × tokens × r
+            xp = x.to(dtype) @ p.to(dtype)  # windows × tokens × r (bf16 under autocast)
 
             def grad_hook(grad):
                 gu = grad.to(dtype) @ u.to(dtype)
-                current[plan.key] += (gu * xp).sum(dim=-2).to(torch.float64)
+                current[plan.key] += (gu.to(dtype) * xp.to(dtype)).sum(dim=-2).to(torch.float64)
 
             if output.requires_grad:
                 output.register_hook(grad_hook)
@@ -80,8 +112,7 @@ def fisher_scores(model, adapter, plans: Sequence[Any], factors: Mapping[str, An
             for plan in plans:
                 current[plan.key] = torch.zeros(ids.shape[0], total[plan.key].numel(), dtype=torch.float64,
                                                 device=device)
-            with torch.enable_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                     enabled=device.type == "cuda"):
+            with torch.enable_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(input_ids=ids, use_cache=False).logits
                 token_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                              ids[:, 1:].reshape(-1), reduction="none")
@@ -127,9 +158,15 @@ class FisherSignal(Signal):
     options = (
         Option("windows", int, 8, min=1, max=4096,
                help="calibration windows used for the gradient pass (each costs ~3 forward passes)"),
+        Option("precision", str, "auto", choices=PRECISIONS,
+               help="the gradient pass's arithmetic: bf16 autocast or float32; auto: bf16 where the device "
+                    "multiplies it natively (docs/speed.md)"),
     )
 
     def compute(self, ctx: SignalContext) -> dict[str, Any]:
         windows = ctx.windows[:max(1, int(ctx.options.get("windows", 8)))]
+        precision = resolve_precision(ctx.options.get("precision", "auto"), ctx.device)
+        ctx.events.log(ctx.stage, f"fisher: {windows.shape[0]} windows, {precision} "
+                                  f"({'bf16 autocast' if precision == 'bfloat16' else 'no autocast'})")
         return fisher_scores(ctx.model, ctx.adapter, ctx.plans, ctx.factors, windows, ctx.device, ctx.events,
-                             ctx.cancel, ctx.stage)
+                             ctx.cancel, ctx.stage, precision=precision)

@@ -1,0 +1,93 @@
+"""The Fisher pass's precision: the `auto` rule, the option reaching the pass, bf16 against float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from workbench.api import SignalContext
+from workbench.engine.compress import calibrate
+from workbench.engine.grouping import plan_groups
+from workbench.engine.sensitivity import signal_options
+from workbench.errors import UsageError
+from workbench.events import CancelToken, EventBus
+from workbench.registry import load_registry
+from workbench_signals.fisher import FisherSignal, fisher_scores, resolve_precision
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("capabilities,expected", [
+    ({"architecture": "x86_64", "avx512_bf16": True, "amx_bf16": False}, "bfloat16"),
+    ({"architecture": "x86_64", "avx512_bf16": False, "amx_bf16": True}, "bfloat16"),
+    ({"architecture": "x86_64", "avx512_bf16": False, "amx_bf16": False, "avx2": True}, "float32"),
+    ({"architecture": "arm64", "bf16": True}, "float32"),  # not measured there: float32 until it is
+])
+def test_auto_on_a_cpu_takes_bf16_only_with_native_bf16_products(monkeypatch, capabilities, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert resolve_precision("auto", CPU) == expected
+    assert resolve_precision("float32", CPU) == "float32"
+    assert resolve_precision("bfloat16", CPU) == "bfloat16"
+
+
+@pytest.mark.parametrize("capability,expected", [((9, 0), "bfloat16"), ((8, 6), "bfloat16"), ((8, 0), "bfloat16"),
+                                                 ((7, 5), "float32"), ((7, 0), "float32"), ((6, 0), "float32")])
+def test_auto_on_a_gpu_takes_bf16_from_ampere_on(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_precision("auto", torch.device("cuda", 0)) == expected
+
+
+def test_an_unknown_precision_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="bfloat16, float32"):
+        resolve_precision("fp8", CPU)
+    with pytest.raises(UsageError, match=r"signals\.fisher\.precision: 'fp8' is not one of the choices"):
+        signal_options(FisherSignal(), {"precision": "fp8"})
+    assert signal_options(FisherSignal(), {})["precision"] == "auto"
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    model = tiny_llama(kv_heads=2, layers=2)
+    adapter = load_registry().adapter_for(model)
+    plans = plan_groups(model, adapter, None, [], 1)
+    ids = torch.randint(0, 128, (6, 24), generator=torch.Generator().manual_seed(5))
+    cal = calibrate(model, adapter, plans, ids, CPU, EventBus(), CancelToken(), gram_precision="float64")
+    return model, adapter, plans, cal, ids
+
+
+def _relative_errors(scores, reference):
+    return [float((scores[k].double() - reference[k]).norm() / reference[k].norm()) for k in reference]
+
+
+def test_each_precision_reaches_the_pass_and_bf16_stays_within_a_few_per_cent_of_float64(calibrated):
+    """The signal's option decides the arithmetic: float32 to float64's rounding, bf16 a few per cent
+    off (and so visibly not float32), and the choice is in the run's log."""
+    model, adapter, plans, cal, ids = calibrated
+    model64 = tiny_llama(kv_heads=2, layers=2).double()
+    model64.load_state_dict(model.state_dict())
+    reference = fisher_scores(model64, adapter, plans, cal.factors, ids[:3], CPU, EventBus(), CancelToken(),
+                              precision="float32")  # a float64 model: autocast would leave it alone anyway
+    errors = {}
+    for precision in ("float32", "bfloat16"):
+        events = EventBus()
+        ctx = SignalContext(model=model, adapter=adapter, plans=plans, factors=cal.factors, windows=ids, device=CPU,
+                            events=events, cancel=CancelToken(),
+                            options=signal_options(FisherSignal(), {"windows": 3, "precision": precision}))
+        logged = []
+        events.subscribe(lambda event: logged.append(event.message))
+        errors[precision] = _relative_errors(FisherSignal().compute(ctx), reference)
+        assert any(f"fisher: 3 windows, {precision}" in line for line in logged), logged
+    assert max(errors["float32"]) < 1e-4, errors
+    assert 1e-4 < max(errors["bfloat16"]) < 0.05, errors
+
+
+def test_a_float64_model_is_not_cast_down_by_the_bf16_option(calibrated):
+    """Autocast leaves float64 alone: a float64 model's pass is the same in both precisions, to the bit."""
+    model, adapter, plans, cal, ids = calibrated
+    model64 = tiny_llama(kv_heads=2, layers=2).double()
+    model64.load_state_dict(model.state_dict())
+    run = {p: fisher_scores(model64, adapter, plans, cal.factors, ids[:2], CPU, EventBus(), CancelToken(), precision=p)
+           for p in ("float32", "bfloat16")}
+    for key in run["float32"]:
+        assert torch.equal(run["float32"][key], run["bfloat16"][key]), key
