@@ -176,14 +176,15 @@ def main() -> None:
     # The floor, bench/quickstart.py's: one plain forward pass of the same model over the same windows.
     # With a 1024-token vocabulary it is the decoder layers' forward alone.
     floor_s = forward_seconds(model, windows, device)
-    fisher_s = None
+    fisher_s = fisher_precision = None
     if args.fisher:  # the default allocator's signal on the first windows, as a run computes it
-        from workbench_signals.fisher import fisher_scores
+        from workbench_signals.fisher import fisher_scores, resolve_precision
 
+        fisher_precision = resolve_precision("auto", device)  # as a run's `auto` takes it here
         synchronize()
         fisher_start = time.perf_counter()
         fisher_scores(model, adapter, plans, calibrated.factors, windows[:args.fisher], device, EventBus(),
-                      CancelToken())
+                      CancelToken(), precision=fisher_precision)
         synchronize()
         fisher_s = time.perf_counter() - fisher_start
     del calibrated
@@ -229,7 +230,7 @@ def main() -> None:
                      "rss_growth_bytes": rss.peak - rss_before, "gpu_peak_allocated_bytes": gpu_peak,
                      "calibration_s": round(calibration_s, 3), "floor_s": round(floor_s, 3),
                      "calibrate_over_floor": round(calibration_s / floor_s, 2),
-                     "fisher_windows": args.fisher or None,
+                     "fisher_windows": args.fisher or None, "fisher_precision": fisher_precision,
                      "fisher_s": None if fisher_s is None else round(fisher_s, 3),
                      "fisher_over_floor": None if fisher_s is None else round(fisher_s / floor_s, 2),
                      "estimate_on_top_of_model_bytes": this_run.memory},
@@ -240,7 +241,7 @@ def main() -> None:
     where = "this CPU" if device.type == "cpu" else f"{result['machine']['gpu']} ({device})"
     gpu = "" if gpu_peak is None else f"; GPU peak allocated {format_bytes(gpu_peak)}"
     fisher = ("" if fisher_s is None else
-              f", Fisher pass over {args.fisher} windows {fisher_s:.1f} s ({fisher_s / floor_s:.2f}×)")
+              f", Fisher pass over {args.fisher} windows ({fisher_precision}) {fisher_s:.1f} s ({fisher_s / floor_s:.2f}×)")
     print(f"\nMEASURED on {where} ({args.layers} layers at {args.preset} shapes, {args.samples} × {args.seq_len} "
           f"tokens, {args.dtype}, {precision} Grams, SVD route {args.svd_route}): mean pass {mean_pass:.2f} s + "
           f"factoring {mean_factor:.2f} s per layer, calibration {calibration_s:.1f} s against a floor of "

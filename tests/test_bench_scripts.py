@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from workbench_signals.fisher import resolve_precision
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,8 +40,8 @@ def test_layer_shapes_measures_a_pass_and_a_factoring_per_layer(tmp_path, engine
     assert result["machine"]["device"] == "cpu" and measured["gpu_peak_allocated_bytes"] is None
     assert measured["calibration_s"] >= sum(row["wall_s"] for row in measured["layers"]) - 0.01
     assert measured["floor_s"] > 0 and measured["calibrate_over_floor"] > 0
-    fisher = measured["fisher_windows"], measured["fisher_over_floor"] is None
-    assert fisher == ((2, False) if engine else (None, True))
+    fisher = measured["fisher_windows"], measured["fisher_over_floor"] is None, measured["fisher_precision"]
+    assert fisher == ((2, False, resolve_precision("auto", "cpu")) if engine else (None, True, None))
     layers = measured["layers"]
     assert [row["layer"] for row in layers] == [0, 1]
     for row in layers:  # factoring_s is 0 when the script's timer no longer wraps the engine's factoring
