@@ -53,7 +53,7 @@ def _interrupt(profile, stage, current=None, **kw):
 def _result(out):
     report = json.loads((out / "report.json").read_text())
     files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted((out / "model").rglob("*")) if p.is_file()}
-    return report["ranks"], [(m["dense"], m["compressed"]) for m in report["metrics"]], files
+    return report["ranks"], [(m["dense"], m["compressed"]) for m in report["metrics"]], files, report["signals"]
 
 
 @pytest.fixture(scope="module")

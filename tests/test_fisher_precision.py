@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import tiny_llama, tiny_profile
 from workbench.api import SignalContext
 from workbench.engine.compress import calibrate
 from workbench.engine.grouping import plan_groups
 from workbench.engine.sensitivity import signal_options
 from workbench.errors import UsageError
 from workbench.events import CancelToken, EventBus
+from workbench.profile.schema import parse_profile
 from workbench.registry import load_registry
 from workbench_signals.fisher import FisherSignal, fisher_scores, resolve_precision
 
@@ -91,3 +94,32 @@ def test_a_float64_model_is_not_cast_down_by_the_bf16_option(calibrated):
            for p in ("float32", "bfloat16")}
     for key in run["float32"]:
         assert torch.equal(run["float32"][key], run["bfloat16"][key]), key
+
+
+def test_the_report_says_which_precision_the_pass_took(tiny_workspace, tmp_path):
+    """report.json keeps each signal's options and notes (the resolved precision), report.md shows them;
+    a run whose allocator needs no signal has no signals section."""
+    from workbench.run.pipeline import run
+
+    out = tmp_path / "out"
+    run(parse_profile(tiny_profile(tiny_workspace, out, allocator="loss-aware",
+                                   extra="[signals.fisher]\nwindows = 3\n")))
+    report = json.loads((out / "report.json").read_text())
+    taken = resolve_precision("auto", CPU)
+    assert report["signals"] == {"fisher": {"options": {"windows": 3, "precision": "auto"},
+                                            "notes": {"windows": 3, "precision": taken}}}
+    assert f"- signal fisher: precision {taken}, windows 3" in (out / "report.md").read_text()
+    plain = tmp_path / "plain"
+    run(parse_profile(tiny_profile(tiny_workspace, plain, allocator="uniform")))
+    assert "signals" not in json.loads((plain / "report.json").read_text())
+
+
+def test_a_signal_built_on_another_keeps_that_ones_notes_under_its_name(calibrated):
+    """`SignalContext.signal` gives the inner signal its own notes, joined to the caller's under its name."""
+    model, adapter, plans, cal, ids = calibrated
+    ctx = SignalContext(model=model, adapter=adapter, plans=plans, factors=cal.factors, windows=ids, device=CPU,
+                        events=EventBus(), cancel=CancelToken(), lookup=load_registry().get)
+    ctx.notes["own"] = 1
+    values = ctx.signal("fisher", {"windows": 2, "precision": "float32"})
+    assert set(values) == {p.key for p in plans}
+    assert ctx.notes == {"own": 1, "fisher": {"windows": 2, "precision": "float32"}}

@@ -353,6 +353,9 @@ class SignalContext:
     # The run's plugin registry as a function (kind, name) -> plugin ("signal", "allocator", ...), so that a
     # signal building on another one gets what the profile's names resolve to (a replacement included).
     lookup: Any = None
+    # What the signal wants the run's report to say about how it computed (JSON-able), e.g. a setting it
+    # resolved from "auto": report.json keeps it as signals.<name>.notes, and a resumed run keeps it too.
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def plugin(self, kind: str, name: str) -> "Plugin":
         """The registered plugin of `kind` called `name`, e.g. `ctx.plugin("allocator", "loss-aware")`."""
@@ -365,7 +368,8 @@ class SignalContext:
         """Another registered signal's {group key: value} on this context's model, groups and windows.
 
         `options` are checked against that signal's declared ones (defaults filled); it gets no
-        checkpoint (its result is part of the calling signal's work).
+        checkpoint (its result is part of the calling signal's work). Its notes, if any, join this
+        context's under its name.
         """
         from dataclasses import replace
 
@@ -374,7 +378,11 @@ class SignalContext:
                                               key_prefix=f"signals.{name}")
         if problems:
             raise UsageError("; ".join(f"{p.key}: {p.message}" for p in problems))
-        return plugin.compute(replace(self, options=resolved, checkpoint=None))
+        inner = replace(self, options=resolved, checkpoint=None, notes={})
+        values = plugin.compute(inner)
+        if inner.notes:
+            self.notes[name] = dict(inner.notes)
+        return values
 
     @contextmanager
     def swapped(self, modules: Mapping[str, "nn.Module"]):

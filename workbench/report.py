@@ -307,12 +307,14 @@ class Report:
     compensation: dict[str, Any] | None = None
     # the recover stage ([recovery] method = "lora"): its settings, the loss per step, time; None when off
     recovery: dict[str, Any] | None = None
+    # the signals the allocator needed: {name: {"options", "notes" (`SignalContext.notes`)}}; None when none
+    signals: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """What report.json holds (`format` first); `notes` are the reader's and are not written."""
-        out = _written(self, skip_none=("resumed_from_checkpoint", "compensation", "recovery"))
+        out = _written(self, skip_none=("resumed_from_checkpoint", "compensation", "recovery", "signals"))
         out["ranks"] = [row.to_dict() for row in self.ranks]
         out["metrics"] = [m.to_dict() for m in self.metrics]
         return out
@@ -354,6 +356,7 @@ def _read(data: Mapping[str, Any]) -> Report:
         resumed_from_checkpoint=[str(x) for x in resumed] if resumed is not None else None,
         compensation=r.mapping(data, "compensation", "") or None,
         recovery=r.mapping(data, "recovery", "") or None,
+        signals=r.mapping(data, "signals", "") or None,
         extra=_extra(data, Report),
     )
     report.notes = r.notes

@@ -166,6 +166,7 @@ class FisherSignal(Signal):
     def compute(self, ctx: SignalContext) -> dict[str, Any]:
         windows = ctx.windows[:max(1, int(ctx.options.get("windows", 8)))]
         precision = resolve_precision(ctx.options.get("precision", "auto"), ctx.device)
+        ctx.notes.update(windows=int(windows.shape[0]), precision=precision)
         ctx.events.log(ctx.stage, f"fisher: {windows.shape[0]} windows, {precision} "
                                   f"({'bf16 autocast' if precision == 'bfloat16' else 'no autocast'})")
         return fisher_scores(ctx.model, ctx.adapter, ctx.plans, ctx.factors, windows, ctx.device, ctx.events,

@@ -173,13 +173,24 @@ def _percent(ratio: float | None) -> str:
     return "—" if ratio is None else f"{100 * ratio:.2f}%"
 
 
+def _signal_lines(signals: Mapping[str, Any] | None) -> list[str]:
+    """One line per signal the allocator used: what its notes say it did (else its options)."""
+    lines = []
+    for name, entry in (signals or {}).items():
+        entry = entry if isinstance(entry, Mapping) else {}
+        said = entry.get("notes") or entry.get("options") or {}
+        shown = ", ".join(f"{_num(k)} {_num(v)}" for k, v in said.items()) if isinstance(said, Mapping) else ""
+        lines.append(f"- signal {_num(name)}" + (f": {shown}" if shown else ""))
+    return lines
+
+
 def render_report_md(report: Report | Mapping[str, Any]) -> str:
     """report.md for a report (a `Report`, or report.json's contents from any format)."""
     r = load_report(report)
     p, model, calibration = r.params, r.model, r.calibration
     lines = [f"# workbench run: {r.profile_name or '?'}", ""]
     lines += [f"- model: `{model.source}` (adapter {model.adapter}, {model.device}, {model.dtype})",
-              f"- allocator: {r.allocator.name}",
+              f"- allocator: {r.allocator.name}", *_signal_lines(r.signals),
               f"- calibration: {_num(calibration.windows)} × {_num(calibration.seq_len)} tokens",
               f"- removed: {_percent(p.ratio_targeted)} of targeted parameters "
               f"(requested {_percent(p.ratio_requested)}), {_percent(p.ratio_model)} of the whole model",

@@ -55,6 +55,7 @@ class RunContext:
     calibrated: Any = None
     signal_names: tuple[str, ...] | None = None  # None: what the profile's allocator needs
     signals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    signal_notes: dict[str, dict[str, Any]] = field(default_factory=dict)  # each signal's `SignalContext.notes`
     budget: int = 0
     ranks: Any = None
     table: list[dict[str, Any]] = field(default_factory=list)
@@ -382,21 +383,23 @@ class Signals(Stage):
         from workbench.engine.offload import all_resident
         from workbench.engine.sensitivity import compute_signal, put_signals
         from workbench.storage.checkpoint import ProgressStore
+        from workbench.storage.durable_files import plain
 
         ratio = ctx.profile.compression.ratio if ctx.ratio is None else ctx.ratio
         for name, options in self._options(ctx).items():
             if name in ctx.signals:
                 continue  # restored from the checkpoint with the same options
+            signal_ctx = SignalContext(model=ctx.model, adapter=ctx.adapter, plans=ctx.plans,
+                                       factors=ctx.calibrated.factors, windows=ctx.windows, device=ctx.loaded.device,
+                                       events=ctx.events, cancel=ctx.cancel, options=options, stage=self.name,
+                                       ratio=ratio, budget=budget_for(ctx.calibrated.spectra, ratio),
+                                       checkpoint=None if ctx.work is None else ProgressStore(
+                                           ctx.work, f"signal-{name}-progress"),
+                                       lookup=ctx.registry.get)
             with all_resident(ctx.offload):  # under offload only where that costs nothing (Load refused the rest)
-                ctx.signals[name] = compute_signal(
-                    ctx.registry.get("signal", name), ctx.registry.describe("signal", name),
-                    SignalContext(model=ctx.model, adapter=ctx.adapter, plans=ctx.plans, factors=ctx.calibrated.factors,
-                                  windows=ctx.windows, device=ctx.loaded.device, events=ctx.events,
-                                  cancel=ctx.cancel, options=options, stage=self.name, ratio=ratio,
-                                  budget=budget_for(ctx.calibrated.spectra, ratio),
-                                  checkpoint=None if ctx.work is None else ProgressStore(ctx.work,
-                                                                                         f"signal-{name}-progress"),
-                                  lookup=ctx.registry.get))
+                ctx.signals[name] = compute_signal(ctx.registry.get("signal", name),
+                                                   ctx.registry.describe("signal", name), signal_ctx)
+            ctx.signal_notes[name] = plain(signal_ctx.notes)
         put_signals(ctx.calibrated.spectra, ctx.signals)
 
     def restore(self, ctx, work):
@@ -411,6 +414,7 @@ class Signals(Stage):
             entry = meta.get(name)
             if entry is not None and entry["options"] == options:
                 ctx.signals[name] = {key: tensors[t] for key, t in entry["index"].items()}
+                ctx.signal_notes[name] = entry.get("notes", {})  # absent in a checkpoint from before notes
         if set(ctx.signals) != set(self._options(ctx)):
             return False
         put_signals(ctx.calibrated.spectra, ctx.signals)
@@ -431,7 +435,7 @@ class Signals(Stage):
             for key, value in values.items():
                 index[key] = f"t{len(tensors)}"
                 tensors[index[key]] = value
-            meta[name] = {"options": plain(options), "index": index}
+            meta[name] = {"options": plain(options), "index": index, "notes": ctx.signal_notes.get(name, {})}
         if meta:
             work.save_stage(self.name, meta, tensors, label="sensitivity")
 
@@ -647,6 +651,8 @@ class Report(Stage):
                             "tokens": int(ctx.windows.numel()), "gram_precision": ctx.gram_precision},
             "allocator": {"name": ctx.allocator.name, "options": profile.compression.allocator_options,
                           "notes": ctx.ranks.notes},
+            "signals": {name: {"options": options, "notes": ctx.signal_notes.get(name, {})}
+                        for name, options in Signals._options(ctx).items()} or None,
             "params": ctx.params,
             "ranks": [{k: v for k, v in row.items() if k != "modules"} for row in ctx.table],
             "whitening": ctx.calibrated.whitening,

@@ -188,7 +188,7 @@ class SweepCells(Stage):
         _folder_write(partial, profile)
         c = RunContext(profile, ctx.registry, ctx.events, ctx.cancel, target=Path(ctx.target) / cell.name)
         for name in ("loaded", "model", "tokenizer", "adapter", "plans", "params_model_dense", "dense_results",
-                     "windows", "gram_precision", "signal_names", "signals", "offload"):
+                     "windows", "gram_precision", "signal_names", "signals", "signal_notes", "offload"):
             if hasattr(ctx, name):
                 setattr(c, name, getattr(ctx, name))
         # Assembly consumes the factors it uses, and the spectra carry the signals: each cell its own copies.
