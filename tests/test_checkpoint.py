@@ -270,3 +270,21 @@ def test_a_checkpoint_file_cannot_name_a_class_outside_workbench():
     meta = {"class": "subprocess:Popen", "fields": {"args": {"value": ["true"]}}}
     with pytest.raises(ValueError, match="not a workbench class"):
         durable_files.unflatten(meta, {})
+
+
+@pytest.mark.parametrize("spacing,cost,waited,due", [
+    (10.0, 0.05, 5.0, False),   # a cheap commit, but not 10 s of work yet: a short layer is redone, not saved
+    (10.0, 0.05, 10.5, True),
+    (10.0, 2.0, 15.0, False),   # a costly commit (large inputs): 10× its cost first
+    (10.0, 2.0, 20.5, True),
+    (0.0, 2.0, 0.0, True),      # WORKBENCH_CHECKPOINT_SPACING=0: every layer
+])
+def test_calibration_checkpoints_wait_for_spacing_times_their_cost_and_spacing_seconds(monkeypatch, tmp_path, spacing,
+                                                                                      cost, waited, due):
+    monkeypatch.setattr(checkpoint, "COMMIT_SPACING", spacing)
+    work = WorkDir(tmp_path / "out.work")
+    now = 1000.0
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: now)
+    work._since_commit, work._commit_cost = now - waited, cost
+    assert work.calibration_due(final=False) is due
+    assert work.calibration_due(final=True)

@@ -75,10 +75,12 @@ SPILL = "offload-factors"
 _CHECKPOINT_FILE = re.compile(r"(?:(?:factors|gram|stage)-[A-Za-z0-9_.-]*-[0-9a-f]{8}|hidden-\d+|signals)\.safetensors")
 _TEMP_FILE = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp")  # durable_files.write_atomically's temp names
 # A calibration checkpoint is written only once the work since the last one took at least this many
-# times as long as writing that one did: checkpoints then cost at most ~1/COMMIT_SPACING of the time.
-# Small and mid-size models checkpoint after every layer; where a layer computes faster than its
-# inputs can be written (a 7B model on a fast GPU), every few layers. WORKBENCH_CHECKPOINT_SPACING=0
-# checkpoints after every layer whatever it costs.
+# times as long as writing that one did, and at least this many seconds: checkpoints then cost at most
+# ~1/COMMIT_SPACING of the time, and an interrupted run loses at most ~COMMIT_SPACING seconds and a
+# layer. A layer that computes for longer than that is checkpointed after every layer (a 7B model on
+# a CPU, or on a GPU with a few hundred windows); where layers take less (the embedded model) or
+# compute faster than their inputs can be written (a 7B model on a fast GPU with few windows), every
+# few layers. WORKBENCH_CHECKPOINT_SPACING=0 checkpoints after every layer whatever it costs.
 COMMIT_SPACING = env_number_or_default("WORKBENCH_CHECKPOINT_SPACING")  # a bad value: refused by check_environment
 
 
@@ -468,7 +470,8 @@ class WorkDir:
 
     def calibration_due(self, final: bool) -> bool:
         """Whether `save_calibration` would write now (a torchrun job gathers the inputs only then)."""
-        return final or time.monotonic() - self._since_commit >= COMMIT_SPACING * self._commit_cost
+        # and COMMIT_SPACING seconds at least: a few seconds of work are cheaper to redo than to checkpoint
+        return final or time.monotonic() - self._since_commit >= COMMIT_SPACING * max(self._commit_cost, 1.0)
 
     def save_calibration(self, state: CalibrationState, final: bool, layers: int | None = None) -> None:
         """Commit the calibration state after a layer; between layers only as often as COMMIT_SPACING allows."""
