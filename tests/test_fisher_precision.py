@@ -34,6 +34,15 @@ def test_auto_on_a_cpu_takes_bf16_only_with_native_bf16_products(monkeypatch, ca
     assert resolve_precision("bfloat16", CPU) == "bfloat16"
 
 
+@pytest.mark.parametrize("avx512_bf16,amx,expected", [(True, False, "bfloat16"), (False, True, "bfloat16"),
+                                                      (False, False, "float32")])
+def test_auto_on_a_cpu_with_an_older_torch_asks_its_feature_probes(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert resolve_precision("auto", CPU) == expected
+
+
 @pytest.mark.parametrize("capability,expected", [((9, 0), "bfloat16"), ((8, 6), "bfloat16"), ((8, 0), "bfloat16"),
                                                  ((7, 5), "float32"), ((7, 0), "float32"), ((6, 0), "float32")])
 def test_auto_on_a_gpu_takes_bf16_from_ampere_on(monkeypatch, capability, expected):

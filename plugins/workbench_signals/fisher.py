@@ -43,9 +43,19 @@ def resolve_precision(precision: str, device) -> str:
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.get_device_capability(device) >= (8, 0) else "float32"
     if device.type == "cpu":
-        capabilities = torch.cpu.get_capabilities()
-        return "bfloat16" if any(capabilities.get(name) for name in NATIVE_BF16_CPU) else "float32"
+        return "bfloat16" if _cpu_multiplies_bf16() else "float32"
     return "float32"
+
+
+def _cpu_multiplies_bf16() -> bool:
+    import torch
+
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is not None:
+        return any(capabilities().get(name) for name in NATIVE_BF16_CPU)
+    # a torch before get_capabilities (the project allows ≥ 2.4): its private probes of the same features
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(probe is not None and probe() for probe in probes)
 
 
 def fisher_scores(model, adapter, plans: Sequence[Any], factors: Mapping[str, Any], windows, device, events,
