@@ -68,16 +68,22 @@ def calibrated():
     return model, adapter, plans, cal, ids
 
 
+@pytest.fixture(scope="module")
+def model64(calibrated):
+    """The calibrated model's weights in float64."""
+    model = tiny_llama(kv_heads=2, layers=2).double()
+    model.load_state_dict(calibrated[0].state_dict())
+    return model
+
+
 def _relative_errors(scores, reference):
     return [float((scores[k].double() - reference[k]).norm() / reference[k].norm()) for k in reference]
 
 
-def test_each_precision_reaches_the_pass_and_bf16_stays_within_a_few_per_cent_of_float64(calibrated):
+def test_each_precision_reaches_the_pass_and_bf16_stays_within_a_few_per_cent_of_float64(calibrated, model64):
     """The signal's option decides the arithmetic: float32 to float64's rounding, bf16 a few per cent
     off (and so visibly not float32), and the choice is in the run's log."""
     model, adapter, plans, cal, ids = calibrated
-    model64 = tiny_llama(kv_heads=2, layers=2).double()
-    model64.load_state_dict(model.state_dict())
     reference = fisher_scores(model64, adapter, plans, cal.factors, ids[:3], CPU, EventBus(), CancelToken(),
                               precision="float32")  # a float64 model: autocast would leave it alone anyway
     errors = {}
@@ -94,11 +100,9 @@ def test_each_precision_reaches_the_pass_and_bf16_stays_within_a_few_per_cent_of
     assert 1e-4 < max(errors["bfloat16"]) < 0.05, errors
 
 
-def test_a_float64_model_is_not_cast_down_by_the_bf16_option(calibrated):
+def test_a_float64_model_is_not_cast_down_by_the_bf16_option(calibrated, model64):
     """Autocast leaves float64 alone: a float64 model's pass is the same in both precisions, to the bit."""
-    model, adapter, plans, cal, ids = calibrated
-    model64 = tiny_llama(kv_heads=2, layers=2).double()
-    model64.load_state_dict(model.state_dict())
+    _, adapter, plans, cal, ids = calibrated
     run = {p: fisher_scores(model64, adapter, plans, cal.factors, ids[:2], CPU, EventBus(), CancelToken(), precision=p)
            for p in ("float32", "bfloat16")}
     for key in run["float32"]:
